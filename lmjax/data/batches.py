@@ -1,0 +1,129 @@
+"""Batches: the global batch of step s is a pure function of (data seed, s).
+
+Training samples windows of seq_len + 1 tokens from the packed stream: window w starts at
+token w * seq_len. Each epoch visits every window once in the order of a permutation
+seeded by (seed, epoch); global row r of step s is window number s * batch + r of that
+endless sequence. A process builds only its own rows, so the global batch is the same for
+any number of devices or hosts, and resuming needs only the step.
+"""
+
+from __future__ import annotations
+
+import functools
+import queue
+import threading
+from typing import Callable, Iterator
+
+import numpy as np
+
+from lmjax.data.cache import TokenSplit
+from lmjax.errors import UserError
+
+
+class TrainBatches:
+    def __init__(self, split: TokenSplit, seq_len: int, global_batch: int, seed: int,
+                 process_index: int = 0, process_count: int = 1, document_mask: bool = False):
+        self.split = split
+        self.seq_len = seq_len
+        self.global_batch = global_batch
+        self.seed = seed
+        self.document_mask = document_mask
+        self.n_windows = (len(split.tokens) - 1) // seq_len
+        if self.n_windows < 1:
+            raise UserError(f"the training split has {len(split.tokens)} tokens, fewer than data.seq_len + 1 = {seq_len + 1}; lower data.seq_len or add data")
+        if global_batch % process_count:
+            raise UserError(f"train.batch_size={global_batch} does not divide over {process_count} processes")
+        rows = global_batch // process_count
+        self.rows = slice(process_index * rows, (process_index + 1) * rows)
+
+    @functools.lru_cache(maxsize=4)
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+
+    def window_ids(self, step: int) -> np.ndarray:
+        """int64[global_batch]: the windows of step `step` (all processes)."""
+        flat = np.arange(step * self.global_batch, (step + 1) * self.global_batch, dtype=np.int64)
+        epochs, positions = np.divmod(flat, self.n_windows)
+        return np.array([self._permutation(int(e))[p] for e, p in zip(epochs, positions)], np.int64)
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of step `step`: int32 inputs/targets [rows, seq_len] (+ masks)."""
+        starts = self.window_ids(step)[self.rows] * self.seq_len
+        return windows(self.split, starts, self.seq_len, self.document_mask)
+
+
+def windows(split: TokenSplit, starts: np.ndarray, seq_len: int, document_mask: bool) -> dict[str, np.ndarray]:
+    idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
+    tokens = np.asarray(split.tokens[idx.ravel()], np.int32).reshape(idx.shape)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    if document_mask:
+        batch.update(document_positions(split.doc_starts, idx[:, :-1]))
+    return batch
+
+
+def document_positions(doc_starts: np.ndarray, idx_BxT: np.ndarray) -> dict[str, np.ndarray]:
+    """Segment ids (1, 2, ... per document inside a row) and positions restarting at each."""
+    doc = np.searchsorted(doc_starts, idx_BxT, side="right") - 1
+    return {"segment_ids": (doc - doc[:, :1] + 1).astype(np.int32),
+            "positions": (idx_BxT - doc_starts[doc]).astype(np.int32)}
+
+
+def heldout_subset(split: TokenSplit, seq_len: int, batch_size: int, n_batches: int,
+                   document_mask: bool) -> list[dict[str, np.ndarray]]:
+    """The first n_batches x batch_size non-overlapping windows of the held-out stream: the
+    same tokens at every evaluation during training."""
+    n_windows = (len(split.tokens) - 1) // seq_len
+    if n_windows < 1:
+        raise UserError(f"the held-out split has {len(split.tokens)} tokens, fewer than data.seq_len + 1 = {seq_len + 1}; lower data.seq_len or hold out more data")
+    starts = np.arange(min(n_windows, batch_size * n_batches), dtype=np.int64) * seq_len
+    out = []
+    for i in range(0, len(starts), batch_size):
+        chunk = starts[i:i + batch_size]
+        batch = windows(split, chunk, seq_len, document_mask)
+        batch["weights"] = np.ones(batch["targets"].shape, np.float32)
+        pad = batch_size - len(chunk)
+        if pad:  # pad the last batch with weight-0 rows so every batch has one shape
+            batch = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+        out.append(batch)
+    return out
+
+
+class Prefetcher:
+    """Builds and places batches for steps start..end-1 in a background thread, a few ahead,
+    so the host prepares step s+1 while the devices run step s."""
+
+    def __init__(self, make: Callable[[int], dict], put: Callable[[dict], dict], start: int, end: int, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(make, put, start, end), daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, make, put, start, end):
+        try:
+            for step in range(start, end):
+                if not self._put((step, put(make(step)))):
+                    return
+            self._put((None, None))  # end of the steps
+        except BaseException as e:  # surface errors in the consumer
+            self._put((None, e))
+
+    def __iter__(self) -> Iterator[tuple[int, dict]]:
+        while True:
+            step, item = self._queue.get()
+            if step is None:
+                if item is not None:
+                    raise item
+                return
+            yield step, item
+
+    def close(self) -> None:
+        self._stop.set()

@@ -1,0 +1,174 @@
+"""Tokenizers behind one interface: encode, decode, vocab_size, eot_id, token_bytes, save/load.
+
+Every tokenizer saves to a directory (`lmjax_tokenizer.json` plus its own files) that eval
+and sample load back; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from lmjax.errors import UserError
+
+META = "lmjax_tokenizer.json"
+EOT = "<|endoftext|>"
+
+
+class Tokenizer:
+    """Base class. Subclasses set `kind`, `vocab_size`, `eot_id` and implement the methods."""
+
+    kind: str
+    vocab_size: int
+    eot_id: int
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def token_bytes(self) -> np.ndarray:
+        """int32[vocab_size]: UTF-8 bytes of text each id stands for (0 for specials)."""
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        """JSON-able content that, with `kind`, rebuilds this tokenizer."""
+        return {}
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / META).write_text(json.dumps({"kind": self.kind, **self.state()}))
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps({"kind": self.kind, **self.state()}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes 0..255, then <|endoftext|> = 256. Round-trips any text."""
+
+    kind = "byte"
+    vocab_size = 257
+    eot_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.int32).tolist() for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def token_bytes(self) -> np.ndarray:
+        out = np.ones(self.vocab_size, np.int32)
+        out[self.eot_id] = 0
+        return out
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers` tokenizer: one trained here (bpe) or a saved one (hf)."""
+
+    def __init__(self, tok, kind: str):
+        self.tok = tok
+        self.kind = kind
+        eot = tok.token_to_id(EOT)
+        if eot is None:  # a saved tokenizer without our end-of-text token: add it
+            tok.add_special_tokens([EOT])
+            eot = tok.token_to_id(EOT)
+        self.eot_id = eot
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(texts))]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False).replace(EOT, "")
+
+    def token_bytes(self) -> np.ndarray:
+        out = np.zeros(self.vocab_size, np.int32)
+        for i in range(self.vocab_size):
+            if i != self.eot_id:
+                out[i] = len(self.tok.decode([i]).encode("utf-8"))
+        return out
+
+    def state(self) -> dict:
+        return {"tokenizer_json": self.tok.to_str()}
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tok.save(str(directory / "tokenizer.json"))
+        (directory / META).write_text(json.dumps({"kind": self.kind, "file": "tokenizer.json"}))
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
+    """Byte-level BPE trained on `texts`; any text round-trips."""
+    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 257 + 1:
+        raise UserError(f"tokenizer.vocab_size={vocab_size} is too small for byte-level BPE; use at least 258 (256 bytes + end-of-text + merges)")
+    tok = HFTok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return HFTokenizer(tok, "bpe")
+
+
+def load_hf(path: str | Path) -> HFTokenizer:
+    from tokenizers import Tokenizer as HFTok
+
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"tokenizer.path '{path}' has no tokenizer.json; save one with tokenizer.save_pretrained(DIR) or tokenizers' Tokenizer.save(FILE)")
+    return HFTokenizer(HFTok.from_file(str(file)), "hf")
+
+
+def build_tokenizer(cfg, train_texts: Iterable[str]) -> Tokenizer:
+    """The tokenizer of config section `tokenizer`, trained on `train_texts` where it learns."""
+    kind = cfg.kind
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe":
+        return train_bpe(train_texts, cfg.vocab_size or 4096)
+    if kind == "hf":
+        if not cfg.path:
+            raise UserError("tokenizer.kind='hf' needs tokenizer.path: a tokenizer.json file or a directory holding one")
+        return load_hf(cfg.path)
+    from lmjax.data import vocab_tokenizers
+
+    return vocab_tokenizers.build(cfg, train_texts)
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """Load what `Tokenizer.save` wrote."""
+    directory = Path(directory)
+    meta_file = directory / META
+    if not meta_file.is_file():
+        raise UserError(f"no saved tokenizer in '{directory}' (expected {META}); is this an lmjax run directory?")
+    meta = json.loads(meta_file.read_text())
+    kind = meta["kind"]
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind in ("bpe", "hf"):
+        from tokenizers import Tokenizer as HFTok
+
+        return HFTokenizer(HFTok.from_file(str(directory / meta["file"])), kind)
+    from lmjax.data import vocab_tokenizers
+
+    return vocab_tokenizers.from_state(meta)

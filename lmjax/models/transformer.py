@@ -1,0 +1,243 @@
+"""Decoder-only Transformer (Flax Linen): GPT-2 and LLaMA families as options of one model.
+
+Tensor names carry shapes: B batch, T query length, S key length, D width, N query heads,
+K key/value heads, H head size, F MLP width, V vocabulary. Parameters carry logical axis
+names ('embed', 'mlp', 'heads', ...); `lmjax.train.parallel` maps them to a device mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lmjax.errors import UserError
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    d_ff: int = 512
+    max_len: int = 128
+    positions: str = "learned"  # learned | rope | none
+    rope_base: float = 10000.0
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # gelu | swiglu
+    bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    dtype: str = "float32"
+    scan_layers: bool = False
+    remat: str = "none"
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def from_config(cls, m, vocab_size: int, seq_len: int) -> "TransformerConfig":
+        """Resolve the `model` config section (0 = derive) into a complete config."""
+        d_ff = m.d_ff or (4 * m.d_model if m.mlp == "gelu" else 256 * math.ceil(8 * m.d_model / 3 / 256))
+        return cls(
+            vocab_size=m.vocab_size or vocab_size, d_model=m.d_model, n_layers=m.n_layers,
+            n_heads=m.n_heads, n_kv_heads=m.n_kv_heads or m.n_heads, d_ff=d_ff,
+            max_len=m.max_len or seq_len, positions=m.positions, rope_base=m.rope_base,
+            norm=m.norm, norm_eps=m.norm_eps, mlp=m.mlp, bias=m.bias,
+            tie_embeddings=m.tie_embeddings, dropout=m.dropout, dtype=m.dtype,
+            scan_layers=m.scan_layers, remat=m.remat)
+
+
+def _init(std: float, names: tuple):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def _zeros(names: tuple):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _ones(names: tuple):
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm, computed in float32 for stability, returned in the input dtype."""
+
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD: Array) -> Array:
+        c = self.cfg
+        x = x_BxTxD.astype(jnp.float32)
+        scale = self.param("scale", _ones(("norm",)), (c.d_model,), jnp.float32)
+        if c.norm == "layernorm":
+            x = x - x.mean(-1, keepdims=True)
+        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + c.norm_eps) * scale
+        if c.bias:
+            x = x + self.param("bias", _zeros(("norm",)), (c.d_model,), jnp.float32)
+        return x.astype(x_BxTxD.dtype)
+
+
+def rotary(x_BxTxNxH: Array, positions_BxT: Array, base: float) -> Array:
+    """Rotary position embedding, rotate-half layout (as in LLaMA / Hugging Face)."""
+    h = x_BxTxNxH.shape[-1]
+    inv_freq = 1.0 / (base ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
+    cos = jnp.cos(jnp.concatenate([angles_BxTxH2] * 2, -1))[:, :, None, :]
+    sin = jnp.sin(jnp.concatenate([angles_BxTxH2] * 2, -1))[:, :, None, :]
+    x = x_BxTxNxH.astype(jnp.float32)
+    x1, x2 = x[..., : h // 2], x[..., h // 2:]
+    rotated = jnp.concatenate([-x2, x1], -1)
+    return (x * cos + rotated * sin).astype(x_BxTxNxH.dtype)
+
+
+class Attention(nn.Module):
+    cfg: TransformerConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array | None) -> Array:
+        c = self.cfg
+        dtype = jnp.dtype(c.dtype)
+        std = 0.02
+        dense = lambda feats, names, name: nn.DenseGeneral(  # noqa: E731
+            feats, use_bias=c.bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+            kernel_init=_init(std, names), bias_init=_zeros(names[1:]))
+        q_BxTxNxH = dense((c.n_heads, c.head_dim), ("embed", "heads", "head_dim"), "query")(x_BxTxD)
+        k_BxTxKxH = dense((c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "key")(x_BxTxD)
+        v_BxTxKxH = dense((c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "value")(x_BxTxD)
+        if c.positions == "rope":
+            q_BxTxNxH = rotary(q_BxTxNxH, positions_BxT, c.rope_base)
+            k_BxTxKxH = rotary(k_BxTxKxH, positions_BxT, c.rope_base)
+
+        if self.decode:
+            # Key/value cache: write this chunk at the cache index, attend to all written keys.
+            b, t = x_BxTxD.shape[:2]
+            shape = (b, c.max_len, c.n_kv_heads, c.head_dim)
+            cache_k = self.variable("cache", "cached_key", jnp.zeros, shape, dtype)
+            cache_v = self.variable("cache", "cached_value", jnp.zeros, shape, dtype)
+            index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+            i = index.value
+            cache_k.value = jax.lax.dynamic_update_slice(cache_k.value, k_BxTxKxH.astype(dtype), (0, i, 0, 0))
+            cache_v.value = jax.lax.dynamic_update_slice(cache_v.value, v_BxTxKxH.astype(dtype), (0, i, 0, 0))
+            index.value = i + t
+            k_BxTxKxH, v_BxTxKxH = cache_k.value, cache_v.value
+            q_pos_T = i + jnp.arange(t)
+            mask = (jnp.arange(c.max_len)[None, :] <= q_pos_T[:, None])[None, None]  # 1x1xTxS
+            out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask)
+        else:
+            mask = None
+            if segment_ids_BxT is not None:
+                mask = (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]  # Bx1xTxS
+            out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask, is_causal=True)
+
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layers).
+        out_std = std / math.sqrt(2 * c.n_layers)
+        return nn.DenseGeneral(
+            c.d_model, axis=(-2, -1), use_bias=c.bias, dtype=dtype, param_dtype=jnp.float32, name="out",
+            kernel_init=_init(out_std, ("heads", "head_dim", "embed")), bias_init=_zeros(("embed",)))(out_BxTxNxH)
+
+
+class MLP(nn.Module):
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD: Array) -> Array:
+        c = self.cfg
+        dtype = jnp.dtype(c.dtype)
+        dense = lambda feats, std, names, name: nn.Dense(  # noqa: E731
+            feats, use_bias=c.bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+            kernel_init=_init(std, names), bias_init=_zeros(names[1:]))
+        out_std = 0.02 / math.sqrt(2 * c.n_layers)
+        if c.mlp == "gelu":
+            h_BxTxF = nn.gelu(dense(c.d_ff, 0.02, ("embed", "mlp"), "fc")(x_BxTxD), approximate=True)
+        else:
+            gate = dense(c.d_ff, 0.02, ("embed", "mlp"), "gate")(x_BxTxD)
+            up = dense(c.d_ff, 0.02, ("embed", "mlp"), "up")(x_BxTxD)
+            h_BxTxF = nn.silu(gate) * up
+        return dense(c.d_model, out_std, ("mlp", "embed"), "proj")(h_BxTxF)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    cfg: TransformerConfig
+    deterministic: bool = True
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array | None):
+        c = self.cfg
+        drop = nn.Dropout(c.dropout, deterministic=self.deterministic)
+        h = Attention(c, self.decode, name="attn")(Norm(c, name="norm1")(x_BxTxD), positions_BxT, segment_ids_BxT)
+        x_BxTxD = x_BxTxD + drop(h)
+        h = MLP(c, name="mlp")(Norm(c, name="norm2")(x_BxTxD))
+        x_BxTxD = x_BxTxD + drop(h)
+        return x_BxTxD, None  # (carry, output) so the block also runs under nn.scan
+
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nn.Module):
+    """tokens int32[B, T] → logits float32[B, T, V]."""
+
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxT: Array, positions_BxT: Array | None = None,
+                 segment_ids_BxT: Array | None = None, deterministic: bool = True,
+                 decode: bool = False) -> Array:
+        c = self.cfg
+        b, t = tokens_BxT.shape
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        wte = self.param("wte", _init(0.02, ("vocab", "embed")), (c.vocab_size, c.d_model), jnp.float32)
+        x_BxTxD = jnp.take(wte, tokens_BxT, axis=0)
+        if c.positions == "learned":
+            wpe = self.param("wpe", _init(0.01, ("pos", "embed")), (c.max_len, c.d_model), jnp.float32)
+            x_BxTxD = x_BxTxD + jnp.take(wpe, positions_BxT, axis=0)
+        x_BxTxD = nn.Dropout(c.dropout, deterministic=deterministic)(x_BxTxD).astype(jnp.dtype(c.dtype))
+
+        block = Block
+        if c.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+        if c.scan_layers:
+            stack = nn.scan(
+                block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast), length=c.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"})
+            x_BxTxD, _ = stack(c, deterministic, decode, name="layers")(x_BxTxD, positions_BxT, segment_ids_BxT)
+        else:
+            for i in range(c.n_layers):
+                x_BxTxD, _ = block(c, deterministic, decode, name=f"block_{i}")(x_BxTxD, positions_BxT, segment_ids_BxT)
+
+        x_BxTxD = Norm(c, name="norm_f")(x_BxTxD).astype(jnp.float32)
+        if c.tie_embeddings:
+            head_DxV = wte.T
+        else:
+            head_DxV = self.param("lm_head", _init(0.02, ("embed", "vocab")), (c.d_model, c.vocab_size), jnp.float32)
+        # Logits in float32 whatever the compute dtype: the softmax over V needs the range.
+        return jnp.dot(x_BxTxD, head_DxV)
+
+
+def check_positions(cfg: TransformerConfig, length: int) -> None:
+    if cfg.positions == "learned" and length > cfg.max_len:
+        raise UserError(f"sequence of {length} tokens is longer than the model's context ({cfg.max_len}); shorten it or raise model.max_len")
+
+
+__all__ = ["Transformer", "TransformerConfig", "rotary", "check_positions", "Any"]

@@ -1,0 +1,274 @@
+"""The train loop, top to bottom: set up, restore or init, step, log, evaluate, save."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmjax import config as config_lib
+from lmjax.checkpoint import Checkpoints
+from lmjax.data import Data, prepare
+from lmjax.data.batches import Prefetcher, TrainBatches, heldout_subset
+from lmjax.errors import UserError
+from lmjax.metrics import MetricsWriter, Progress, truncate_after
+from lmjax.models import build_model
+from lmjax.train.optimizer import build_optimizer
+from lmjax.train.parallel import build_parallel, check_batch
+from lmjax.train.step import TrainState, create_state, make_eval_step, make_train_step
+
+
+class TrainingHalted(Exception):
+    """Training stopped on a non-finite loss (train.on_nan='halt'); checkpoints are kept."""
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGINT: the state was saved; `signum` says which."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+@dataclass
+class Run:
+    """Everything built from a config that train, eval and sample share."""
+
+    cfg: Any
+    run_dir: Path
+    model: nn.Module
+    tx: Any
+    lr: Callable
+    parallel: Any
+    shardings: TrainState
+    init_state: Callable
+
+    def abstract_state(self):
+        return jax.eval_shape(self.init_state, jax.random.PRNGKey(0))
+
+    def restore(self, ckpts: Checkpoints, step: int) -> TrainState:
+        target = self.parallel.restore_target(self.abstract_state(), self.shardings)
+        return self.parallel.from_restored(ckpts.restore_state(step, target))
+
+
+def build_run(cfg, run_dir: Path, vocab_size: int, parallel=None) -> Run:
+    parallel = parallel or build_parallel(cfg.parallel)
+    model = build_model(cfg.model, vocab_size, cfg.data.seq_len)
+    tx, lr = build_optimizer(cfg.optim, cfg.train.steps)
+
+    def init_state(rng):
+        param_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, 0))
+        dummy = jnp.zeros((1, min(cfg.data.seq_len, 8)), jnp.int32)
+        params = nn.unbox(model.init({"params": param_rng}, dummy)["params"])
+        return create_state(params, tx, dropout_rng)
+
+    key = jax.random.PRNGKey(cfg.seed)
+    shardings = parallel.state_shardings(model, tx, init_state, key)
+    return Run(cfg, run_dir, model, tx, lr, parallel, shardings, init_state)
+
+
+def count_params(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def probe_writable(run_dir: Path) -> None:
+    """Fail at start-up, not after an hour, if the run directory cannot be written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_probe"
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (1 << 20))  # 1 MiB: a nearly full disk fails here
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"the run directory {run_dir} is not writable ({e.strerror}); choose another --workdir or free disk space") from None
+
+
+def local_rows(batch: dict, parallel) -> dict:
+    n, i = jax.process_count(), jax.process_index()
+    rows = next(iter(batch.values())).shape[0] // n
+    return {k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
+
+
+def evaluate_subset(eval_fn, params, batches: list[dict], parallel) -> float:
+    """Token-weighted held-out loss over a fixed list of batches."""
+    nll = count = 0.0
+    for b in batches:
+        out = parallel.fetch(eval_fn(params, parallel.put_batch(local_rows(b, parallel))))
+        nll += float(out["nll"])
+        count += float(out["tokens"])
+    return nll / count
+
+
+class _Signals:
+    """Turn SIGTERM / SIGINT into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.received = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def check_resume(cfg, ckpts: Checkpoints, step: int, log) -> None:
+    saved = config_lib.from_json(json.dumps(ckpts.restore_config(step)))
+    refused, allowed = config_lib.resume_differences(saved, cfg)
+    if refused:
+        raise UserError(f"cannot resume from step {step}: the config changes the model or data ({'; '.join(refused)}); "
+                        "undo these changes or train in a new --workdir")
+    for line in allowed:
+        log(f"resume: config change allowed: {line}")
+
+
+def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
+    """Train (or resume) the experiment `cfg` in `workdir`; return the final figures."""
+    run_dir = Path(workdir).absolute()
+    is_main = jax.process_index() == 0
+    say = log if is_main else (lambda *_: None)
+    probe_writable(run_dir)
+    t_start = time.time()
+
+    parallel = build_parallel(cfg.parallel)
+    check_batch(cfg.train.batch_size, cfg.train.grad_accum, parallel)
+    ckpts = Checkpoints(run_dir / "checkpoints", keep=cfg.train.keep)
+    latest = ckpts.latest_step()
+    if latest is not None and not cfg.train.resume:
+        raise UserError(f"train.resume=False but {run_dir} already holds checkpoints (latest step {latest}); "
+                        "choose a new --workdir, or delete its checkpoints/ yourself to start over")
+    if latest is not None:
+        check_resume(cfg, ckpts, latest, say)
+
+    data: Data = prepare(cfg, run_dir, say)
+    run = build_run(cfg, run_dir, data.tokenizer.vocab_size, parallel)
+    if is_main:
+        (run_dir / "config.json").write_text(config_lib.to_json(cfg))
+
+    if latest is not None:
+        state = run.restore(ckpts, latest)
+        say(f"resuming from checkpoint at step {latest} in {ckpts.directory}")
+    else:
+        state = parallel.init_state(run.init_state, run.shardings, jax.random.PRNGKey(cfg.seed))
+    start = latest or 0
+    total = cfg.train.steps
+    metrics_path = run_dir / "metrics.jsonl"
+    if is_main:
+        dropped = truncate_after(metrics_path, start)
+        if dropped:
+            say(f"metrics.jsonl: dropped {dropped} entries past step {start}")
+
+    seq_len, batch = cfg.data.seq_len, cfg.train.batch_size
+    n_params = count_params(jax.eval_shape(run.init_state, jax.random.PRNGKey(0)).params)
+    say(f"run directory: {run_dir}")
+    say(f"model: {cfg.model.kind}, {n_params / 1e6:.2f}M parameters, vocabulary {data.tokenizer.vocab_size} ({data.tokenizer.kind})")
+    say(f"data: {data.description}; train {len(data.train.tokens):,} tokens, held-out {len(data.heldout.tokens):,} tokens")
+    say(f"steps {start} → {total}, {batch} x {seq_len} = {batch * seq_len:,} tokens per step; {parallel.describe()}")
+
+    batches = TrainBatches(data.train, seq_len, batch, cfg.data.seed, jax.process_index(), jax.process_count(),
+                           cfg.data.document_mask)
+    eval_batches = heldout_subset(data.heldout, seq_len, batch // cfg.train.grad_accum, cfg.train.eval_batches,
+                                  cfg.data.document_mask)
+    step_fn = parallel.compile_step(partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum,
+                                            on_nan=cfg.train.on_nan), run.shardings)
+    eval_fn = parallel.compile_eval(partial(make_eval_step, run.model), run.shardings)
+    writer = MetricsWriter(run_dir, is_main, cfg.train.tensorboard and is_main, cfg.to_dict())
+    progress = Progress(total, start, cfg.train.log_every, is_main)
+    result = {"run_dir": str(run_dir), "start_step": start, "params": n_params}
+
+    def save(step: int, heldout: float | None, force: bool = False):
+        ckpts.save(step, parallel.to_global(state), cfg.to_dict(), heldout, force=force)
+
+    last_good = latest
+    last_loss = heldout_loss = float("nan")
+    tokens_per_step = batch * seq_len
+    t_log, steps_since_log, t_first = time.time(), 0, None
+    prefetch = Prefetcher(lambda s: batches(s), parallel.put_batch, start, total)
+    try:
+        with _Signals() as signals:
+            pending = None
+
+            def finish(item):  # read a step's metrics (after the next step was dispatched)
+                nonlocal last_loss, t_log, steps_since_log, t_first
+                done, m = item
+                m = parallel.fetch(m)
+                last_loss = float(m["loss"])
+                if not bool(m["finite"]) and cfg.train.on_nan == "halt":
+                    raise TrainingHalted(
+                        f"non-finite loss ({last_loss}) or gradient norm ({float(m['grad_norm'])}) at step {done}; "
+                        f"stopped without saving it. Last good checkpoint: step {last_good}. Lower optim.lr, raise "
+                        "optim.warmup_steps, or set train.on_nan='skip'")
+                if t_first is None:  # exclude compilation from throughput
+                    t_first = t_log = time.time()
+                    steps_since_log = 0
+                    return
+                steps_since_log += 1
+                if done % cfg.train.log_every == 0 or done == total:
+                    elapsed = time.time() - t_log
+                    tps = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
+                    record = {"loss": last_loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                              "update_norm": float(m["update_norm"]), "param_norm": float(m["param_norm"]),
+                              "tokens_seen": done * tokens_per_step, "tokens_per_s": tps,
+                              "step_time": elapsed / max(steps_since_log, 1), "skipped": int(m["skipped"])}
+                    writer.write(done, record)
+                    result["tokens_per_s"] = tps
+                    progress.update(done, {"loss": last_loss, "heldout": heldout_loss, "tok/s": round(tps)})
+                    t_log, steps_since_log = time.time(), 0
+
+            for step, device_batch in prefetch:
+                state, metrics = step_fn(state, device_batch)
+                done = step + 1
+                if pending is not None:
+                    finish(pending)
+                pending = (done, metrics)
+                do_eval = done % cfg.train.eval_every == 0 or done == total
+                do_save = done % cfg.train.save_every == 0 or done == total
+                if do_eval or do_save or signals.received:
+                    finish(pending)
+                    pending = None
+                    measured = None
+                    if do_eval:
+                        heldout_loss = measured = evaluate_subset(eval_fn, parallel.params_of(state), eval_batches, parallel)
+                        writer.write(done, {"heldout_loss": heldout_loss, "heldout_ppl": math.exp(min(heldout_loss, 50))})
+                        progress.log(f"step {done}: train loss {last_loss:.4f}, held-out loss {heldout_loss:.4f}")
+                    if do_save or signals.received:
+                        save(done, measured, force=True)
+                        last_good = done
+                    t_log, steps_since_log = time.time(), 0  # keep eval and save out of tokens/s
+                    if signals.received:
+                        ckpts.wait()
+                        name = signal.Signals(signals.received).name
+                        raise Preempted(f"received {name}: saved a checkpoint at step {done} in {ckpts.directory}; "
+                                        "run the same command to resume", signals.received)
+            if pending is not None:
+                finish(pending)
+    finally:
+        prefetch.close()
+        progress.close()
+        ckpts.wait()
+        ckpts.close()
+        writer.close()
+    result.update(step=total, train_loss=last_loss, heldout_loss=heldout_loss, wall_s=time.time() - t_start)
+    say(f"done: step {total}, train loss {last_loss:.4f}, held-out loss (subset) {heldout_loss:.4f}, "
+        f"{result['wall_s']:.0f}s; checkpoints in {ckpts.directory}")
+    return result

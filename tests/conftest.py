@@ -1,0 +1,90 @@
+"""Shared fixtures: a small real corpus on disk, a tiny config, and an isolated cache."""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("LMJAX_CACHE", str(tmp_path_factory.getbasetemp() / "lmjax_cache"))
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """40 real text documents: standard library modules, copied as .txt files."""
+    out = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    names = sorted(p for p in stdlib.glob("*.py"))[:40]
+    for p in names:
+        text = p.read_text(encoding="utf-8", errors="replace")[:6000]
+        (out / (p.stem + ".txt")).write_text(text, encoding="utf-8")
+    return out
+
+
+def tiny_config(corpus_dir: Path, **overrides):
+    """A 2-layer, width-32 Transformer on the fixture corpus; `overrides` as 'a.b': value."""
+    from lmjax.config import base_config
+
+    c = base_config()
+    c.data.source = "files"
+    c.data.paths = str(corpus_dir / "*.txt")
+    c.data.heldout_fraction = 0.2
+    c.data.seq_len = 32
+    c.model.d_model = 32
+    c.model.n_layers = 2
+    c.model.n_heads = 2
+    c.optim.warmup_steps = 2
+    c.train.steps = 6
+    c.train.batch_size = 8
+    c.train.log_every = 1
+    c.train.eval_every = 3
+    c.train.save_every = 3
+    c.train.eval_batches = 2
+    c.train.tensorboard = False
+    with c.unlocked():
+        for key, value in overrides.items():
+            node = c
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+    return c
+
+
+def run_cli(args: list[str], cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
+    """Run `python -m lmjax.cli ARGS` in a subprocess; return the CompletedProcess."""
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "lmjax.cli", *args], cwd=cwd or ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def write_experiment(path: Path, corpus_dir: Path, body: str = "") -> Path:
+    """An experiment file using the tiny config, plus extra lines of `body` (indented)."""
+    extra = "\n".join("    " + line for line in body.strip().splitlines()) if body.strip() else ""
+    path.write_text(f'''
+import sys
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from conftest import tiny_config
+from pathlib import Path
+
+
+def get_config():
+    c = tiny_config(Path({str(corpus_dir)!r}))
+{extra}
+    return c
+''')
+    return path
+
+
