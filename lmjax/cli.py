@@ -58,7 +58,7 @@ def cmd_train(args, overrides) -> int:
     cfg = config_lib.load(args.experiment, overrides)
     workdir = args.workdir or os.path.join("runs", Path(args.experiment).stem)
     try:
-        train(cfg, workdir)
+        train(cfg, workdir, stop_at=args.stop_at)
     except Preempted as e:
         print(str(e), flush=True)
         return 128 + e.signum
@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Extra --config.KEY=VALUE arguments override the experiment's config.")
     t.add_argument("experiment", help="experiments/NAME.py")
     t.add_argument("--workdir", help="run directory (default runs/NAME)")
+    t.add_argument("--stop-at", type=int, help="stop after this step with a checkpoint; run again to resume")
 
     e = sub.add_parser("eval", help="held-out perplexity and bits per byte of one or more runs")
     e.add_argument("run_dirs", nargs="+")

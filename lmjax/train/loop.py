@@ -142,8 +142,12 @@ def check_resume(cfg, ckpts: Checkpoints, step: int, log) -> None:
         log(f"resume: config change allowed: {line}")
 
 
-def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
-    """Train (or resume) the experiment `cfg` in `workdir`; return the final figures."""
+def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at: int | None = None) -> dict:
+    """Train (or resume) the experiment `cfg` in `workdir`; return the final figures.
+
+    `stop_at` ends this invocation after that step with a checkpoint, as a preemption would
+    (for time-limited job slots); running again resumes towards train.steps.
+    """
     run_dir = Path(workdir).absolute()
     is_main = jax.process_index() == 0
     say = log if is_main else (lambda *_: None)
@@ -203,7 +207,8 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
     last_loss = heldout_loss = float("nan")
     tokens_per_step = batch * seq_len
     t_log, steps_since_log, t_first = time.time(), 0, None
-    prefetch = Prefetcher(lambda s: batches(s), parallel.put_batch, start, total)
+    end = min(total, stop_at) if stop_at else total
+    prefetch = Prefetcher(lambda s: batches(s), parallel.put_batch, start, end)
     try:
         with _Signals() as signals:
             pending = None
@@ -218,21 +223,23 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
                         f"non-finite loss ({last_loss}) or gradient norm ({float(m['grad_norm'])}) at step {done}; "
                         f"stopped without saving it. Last good checkpoint: step {last_good}. Lower optim.lr, raise "
                         "optim.warmup_steps, or set train.on_nan='skip'")
-                if t_first is None:  # exclude compilation from throughput
+                if t_first is None:  # the first step includes compilation: time from its end
                     t_first = t_log = time.time()
                     steps_since_log = 0
-                    return
-                steps_since_log += 1
+                else:
+                    steps_since_log += 1
                 if done % cfg.train.log_every == 0 or done == total:
-                    elapsed = time.time() - t_log
-                    tps = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
                     record = {"loss": last_loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
                               "update_norm": float(m["update_norm"]), "param_norm": float(m["param_norm"]),
-                              "tokens_seen": done * tokens_per_step, "tokens_per_s": tps,
-                              "step_time": elapsed / max(steps_since_log, 1), "skipped": int(m["skipped"])}
+                              "tokens_seen": done * tokens_per_step, "skipped": int(m["skipped"])}
+                    info = {"loss": last_loss, "heldout": heldout_loss}
+                    if steps_since_log:
+                        elapsed = time.time() - t_log
+                        record["tokens_per_s"] = info["tok/s"] = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
+                        record["step_time"] = elapsed / steps_since_log
+                        result["tokens_per_s"] = record["tokens_per_s"]
                     writer.write(done, record)
-                    result["tokens_per_s"] = tps
-                    progress.update(done, {"loss": last_loss, "heldout": heldout_loss, "tok/s": round(tps)})
+                    progress.update(done, info)
                     t_log, steps_since_log = time.time(), 0
 
             for step, device_batch in prefetch:
@@ -242,7 +249,7 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
                     finish(pending)
                 pending = (done, metrics)
                 do_eval = done % cfg.train.eval_every == 0 or done == total
-                do_save = done % cfg.train.save_every == 0 or done == total
+                do_save = done % cfg.train.save_every == 0 or done == end
                 if do_eval or do_save or signals.received:
                     finish(pending)
                     pending = None
@@ -268,7 +275,7 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
         ckpts.wait()
         ckpts.close()
         writer.close()
-    result.update(step=total, train_loss=last_loss, heldout_loss=heldout_loss, wall_s=time.time() - t_start)
-    say(f"done: step {total}, train loss {last_loss:.4f}, held-out loss (subset) {heldout_loss:.4f}, "
+    result.update(step=end, train_loss=last_loss, heldout_loss=heldout_loss, wall_s=time.time() - t_start)
+    say(f"{'done' if end == total else 'stopped'}: step {end}, train loss {last_loss:.4f}, held-out loss (subset) {heldout_loss:.4f}, "
         f"{result['wall_s']:.0f}s; checkpoints in {ckpts.directory}")
     return result

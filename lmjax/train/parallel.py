@@ -13,6 +13,7 @@ from typing import Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -141,6 +142,8 @@ class PmapParallel:
         self.devices = devices if devices is not None else jax.local_devices()
         self.batch_divisor = len(self.devices) * jax.process_count()
         self.single = NamedSharding(Mesh(np.asarray(self.devices[:1]), ("d",)), P())
+        # pmap's inputs: a leading axis of size len(devices), one slice per device.
+        self.stacked = NamedSharding(Mesh(np.asarray(self.devices), (self.axis_name,)), P(self.axis_name))
 
     def describe(self) -> str:
         return f"pmap over {len(self.devices)} local {self.devices[0].platform} devices x {jax.process_count()} processes"
@@ -161,7 +164,7 @@ class PmapParallel:
 
     def put_batch(self, local_batch: dict) -> dict:
         n = len(self.devices)
-        return {k: jax.device_put_sharded(list(v.reshape(n, v.shape[0] // n, *v.shape[1:])), self.devices)
+        return {k: jax.device_put(v.reshape(n, v.shape[0] // n, *v.shape[1:]), self.stacked)
                 for k, v in local_batch.items()}
 
     def restore_target(self, abstract, shardings):
@@ -172,7 +175,8 @@ class PmapParallel:
         return jax.tree.map(lambda x: x[0], state)
 
     def from_restored(self, state):
-        return jax.device_put_replicated(state, self.devices)
+        n = len(self.devices)
+        return jax.tree.map(lambda x: jax.device_put(jnp.broadcast_to(x, (n, *x.shape)), self.stacked), state)
 
     def params_of(self, state: TrainState):
         return state.params
