@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -82,42 +83,63 @@ def format_report(name: str, r: dict) -> str:
     ])
 
 
-def evaluate_run(run_dir: str, which: str, stride: int, batch_size: int, data_overrides=()):
+FORMATS_BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+def eval_data_config(cfg, source: str | None, overrides=()):
+    """The `data` section to evaluate on: the run's own held-out split, or `--data SOURCE`:
+    'stdlib', a save_to_disk directory, 'hub:NAME[/CONFIG]', or files/globs (all of them)."""
+    from lmjax import config as config_lib
+
+    c = config_lib.apply_overrides(config_lib.from_json(config_lib.to_json(cfg)), overrides)
+    if source is None:
+        return c.data
+    d = c.data
+    if source == "stdlib":
+        d.source = "stdlib"
+    elif source.startswith("hub:"):
+        name, _, sub = source[4:].partition("/")
+        d.source, d.hub_name, d.hub_config = "hub", name, sub
+    elif Path(source).is_dir() and any((Path(source) / f).is_file() for f in ("dataset_dict.json", "state.json")):
+        d.source, d.paths = "saved", source
+    else:  # every document of these files is evaluated
+        d.source, d.paths, d.heldout_paths = "files", source, source
+        if not any(o.startswith("--config.data.format=") for o in overrides):
+            d.format = FORMATS_BY_SUFFIX.get(Path(source.split(",")[0]).suffix, "text")
+    return d
+
+
+def evaluate_run(run_dir: str, which: str, stride: int, batch_size: int, source: str | None = None, overrides=()):
     """Evaluate one run on its held-out split (or another source); return (report, step)."""
     import jax
 
-    from lmjax import config as config_lib
     from lmjax.data import tokenize_source
-    from lmjax.data.cache import build_or_load
-    from lmjax.data.sources import load_corpus
     from lmjax.evaluate import evaluate, make_row_nll
 
     cfg, run, params, tok, step = load_run(run_dir, which)
-    if data_overrides:
-        data_cfg = config_lib.apply_overrides(cfg.copy_and_resolve_references(), data_overrides).data
-        split = tokenize_source(data_cfg, tok, log=lambda *_: None)
-    else:
-        corpus = load_corpus(cfg.data)
-        split = build_or_load({"heldout": corpus.heldout}, corpus.fingerprint, tok, cfg.data, log=lambda *_: None)["heldout"]
+    data_cfg = eval_data_config(cfg, source, overrides)
+    split = tokenize_source(data_cfg, tok, log=lambda *_: None)
     context = cfg.data.seq_len
+    stride = stride or cfg.eval.stride or context
     parallel = run.parallel
     batch_size = -(-batch_size // parallel.batch_divisor) * parallel.batch_divisor
     row_nll = jax.jit(make_row_nll(run.model), in_shardings=(run.shardings.params, parallel.batch_sharding))
-    report = evaluate(row_nll, params, split, tok.token_bytes(), context, stride or cfg.eval.stride or context,
-                      batch_size, stream=cfg.data.stream, put=parallel.put_batch)
-    report.update(step=step, run_dir=str(Path(run_dir).absolute()), stride=stride or cfg.eval.stride or context)
+    report = evaluate(row_nll, params, split, tok.token_bytes(), context, stride, batch_size,
+                      stream=data_cfg.stream, put=parallel.put_batch)
+    report.update(step=step, run_dir=str(Path(run_dir).absolute()), stride=stride, data=source or "held-out split")
     return report, step
 
 
 def cmd_eval(args, overrides) -> int:
     reports = []
     for run_dir in args.run_dirs:
-        report, step = evaluate_run(run_dir, args.checkpoint, args.stride, args.batch_size, overrides)
+        report, step = evaluate_run(run_dir, args.checkpoint, args.stride, args.batch_size, args.data, overrides)
         per_doc = report.pop("per_document")
-        out = Path(args.json) if args.json and len(args.run_dirs) == 1 else Path(run_dir) / f"eval_step{step}.json"
+        suffix = "_" + re.sub(r"[^A-Za-z0-9]+", "_", args.data).strip("_")[-40:] if args.data else ""
+        out = Path(args.json) if args.json and len(args.run_dirs) == 1 else Path(run_dir) / f"eval_step{step}{suffix}.json"
         out.write_text(json.dumps(report, indent=2))
         if args.per_document:
-            with open(Path(run_dir) / f"eval_step{step}_documents.jsonl", "w") as f:
+            with open(out.with_name(out.stem + "_documents.jsonl"), "w") as f:
                 for i, d in enumerate(per_doc):
                     f.write(json.dumps({"document": i, **d}) + "\n")
         reports.append((run_dir, report))
@@ -171,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", default="latest", help="latest | best | STEP")
     e.add_argument("--stride", type=int, default=0, help="window stride (default: eval.stride, else the context)")
     e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--data", help="evaluate on another source with the run's tokenizer: files or globs "
+                   "(all documents), a save_to_disk directory, 'stdlib', or 'hub:NAME[/CONFIG]'; "
+                   "--config.data.KEY=VALUE sets format, text_field, split_by")
     e.add_argument("--json", help="where to write the report (default RUN_DIR/eval_stepN.json)")
     e.add_argument("--per-document", action="store_true", help="also write each document's figures as JSONL")
 
@@ -202,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if overrides and args.command == "sample":
         parser.error("sample takes no --config overrides; it uses the run's saved config")
+    if args.command == "eval" and any(not o.startswith("--config.data.") for o in overrides):
+        parser.error("eval takes only --config.data.KEY=VALUE overrides (with --data)")
     try:
         return COMMANDS[args.command](args, overrides)
     except UserError as e:

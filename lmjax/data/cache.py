@@ -83,24 +83,36 @@ def load_split(directory: Path) -> TokenSplit:
 
 
 def build_or_load(splits: dict, corpus_fingerprint: str, tokenizer: Tokenizer, data_cfg, log=print) -> dict[str, TokenSplit]:
-    """Tokenize each split of `splits` (name → Dataset with 'text') once; reuse the cache after."""
+    """Tokenize each split of `splits` (name → Dataset with 'text') once; reuse the cache after.
+
+    Each split has its own directory, so evaluating only the held-out split never leaves a
+    cache that a training run would find incomplete.
+    """
     root = cache_root(data_cfg)
     key = cache_key(corpus_fingerprint, tokenizer)
-    directory = root / key
-    if (directory / "meta.json").is_file():
-        log(f"reusing token cache {directory}")
-    else:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+    out = {}
+    for name, ds in splits.items():
+        directory = root / f"{key}-{name}"
+        if (directory / "meta.json").is_file():
+            log(f"reusing token cache {directory}")
+        else:
+            _build(directory, ds, tokenizer, data_cfg, corpus_fingerprint)
+            log(f"tokenized {name} split into cache {directory}")
+        out[name] = load_split(directory)
+    return out
+
+
+def _build(directory: Path, ds, tokenizer: Tokenizer, data_cfg, corpus_fingerprint: str) -> None:
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        _pack(_tokenize(ds, tokenizer, data_cfg.num_proc), tokenizer.eot_id, tokenizer.vocab_size, tmp)
+        (tmp / "meta.json").write_text(json.dumps({"version": CACHE_VERSION, "corpus": corpus_fingerprint,
+                                                   "tokenizer": tokenizer.fingerprint()}))
         try:
-            for name, ds in splits.items():
-                (tmp / name).mkdir()
-                _pack(_tokenize(ds, tokenizer, data_cfg.num_proc), tokenizer.eot_id, tokenizer.vocab_size, tmp / name)
-            (tmp / "meta.json").write_text(json.dumps({"version": CACHE_VERSION, "corpus": corpus_fingerprint,
-                                                       "tokenizer": tokenizer.fingerprint(), "splits": list(splits)}))
-            os.replace(tmp, directory) if not directory.exists() else shutil.rmtree(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        log(f"tokenized into cache {directory}")
-    return {name: load_split(directory / name) for name in splits}
+            os.rename(tmp, directory)
+        except OSError:  # another process finished the same cache first: keep theirs
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
