@@ -24,7 +24,7 @@ def get_config():
     c.optim.warmup_steps = 50
     c.optim.weight_decay = 0.1
 
-    c.train.steps = 600
+    c.train.steps = 400
     c.train.batch_size = 16
     c.train.log_every = 20
     c.train.eval_every = 200
