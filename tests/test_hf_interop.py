@@ -376,3 +376,34 @@ def test_cli_import_eval_sample_export(tmp_path):
     np.testing.assert_array_equal(a[0], b[0])  # a float32 copy in and out: exact
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     assert hf_tok("def f(x):\n    return x").input_ids == tok.encode("def f(x):\n    return x")
+
+
+def test_imported_tokenizer_keeps_its_eos_token(tmp_path):
+    """A LLaMA-style tokenizer.json ('</s>', no '<|endoftext|>') keeps its size and end token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from lmjax.data.tokenizers import ByteTokenizer, load_tokenizer
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(["def f(x):\n    return x + 1\n"] * 5, trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    size = raw.get_vocab_size()
+    d = _write_hf_config(tmp_path / "m", model_type="llama", eos_token_id=1)
+    raw.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
+    for config in ({}, {"eos_token_id": 1}):  # from tokenizer_config.json, then from config.json alone
+        tok = interop.resolve_tokenizer(d, config, None)
+        assert (tok.kind, tok.eot_id, tok.vocab_size) == ("hf", 1, size)
+        (d / "tokenizer_config.json").unlink(missing_ok=True)
+    tok.save(tmp_path / "saved")
+    again = load_tokenizer(tmp_path / "saved")
+    assert (again.eot_id, again.vocab_size, again.fingerprint()) == (1, size, tok.fingerprint())
+    assert again.decode(again.encode("x + 1") + [1]) == "x + 1"
+
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match="has no tokenizer.json; pass --tokenizer PATH"):
+        interop.resolve_tokenizer(d, {}, None)
+    assert isinstance(interop.resolve_tokenizer(d, {}, "byte"), ByteTokenizer)
