@@ -155,8 +155,9 @@ def model_keys_from_hf(hf: dict) -> tuple[str, dict]:
         if rope_type != "default":
             raise UserError(f"LLaMA rope type '{rope_type}' (rope scaling) is not supported; lmjax implements plain rotary embeddings")
         d, n = _need(hf, "hidden_size"), _need(hf, "num_attention_heads")
-        if (hf.get("head_dim") or d // n) * n != d:
-            raise UserError(f"LLaMA head_dim={hf['head_dim']} x num_attention_heads={n} != hidden_size={d}; lmjax needs head size = d_model / n_heads")
+        head_dim = hf.get("head_dim") or d // n
+        if head_dim * n != d:
+            raise UserError(f"LLaMA head_dim={head_dim} x num_attention_heads={n} != hidden_size={d}; lmjax needs head size = d_model / n_heads")
         return family, {
             "d_model": d, "n_layers": _need(hf, "num_hidden_layers"), "n_heads": n,
             "n_kv_heads": hf.get("num_key_value_heads") or n, "d_ff": _need(hf, "intermediate_size"),
