@@ -178,6 +178,20 @@ def cmd_sample(args, overrides) -> int:
     return 0
 
 
+def cmd_import_hf(args, overrides) -> int:
+    from lmjax.interop.hf import import_hf
+
+    import_hf(args.source, args.out, args.tokenizer, overrides)
+    return 0
+
+
+def cmd_export_hf(args, overrides) -> int:
+    from lmjax.interop.hf import export_hf
+
+    export_hf(args.run_dir, args.out, args.checkpoint)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmjax", description="Train, resume, evaluate and sample language models in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -210,10 +224,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--greedy", action="store_true")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+    i = sub.add_parser("import-hf", help="a Hugging Face GPT-2 / LLaMA (safetensors) → a run directory at step 0",
+                       description="Extra --config.KEY=VALUE arguments set data, eval and train keys of the run.")
+    i.add_argument("source", help="model directory (config.json + model.safetensors) or a .safetensors file")
+    i.add_argument("--out", required=True, help="run directory to create")
+    i.add_argument("--tokenizer", help="tokenizer.json (or a directory holding one), an lmjax tokenizer directory, "
+                                       "or 'byte'; default: the model directory's tokenizer")
+    x = sub.add_parser("export-hf", help="a run's checkpoint → a Hugging Face model directory (safetensors)")
+    x.add_argument("run_dir")
+    x.add_argument("--checkpoint", default="latest", help="latest | best | STEP")
+    x.add_argument("--out", required=True, help="directory for config.json, model.safetensors and the tokenizer")
     return p
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample,
+            "import-hf": cmd_import_hf, "export-hf": cmd_export_hf}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in extra if not a.startswith("--config.")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if overrides and args.command == "sample":
-        parser.error("sample takes no --config overrides; it uses the run's saved config")
+    if overrides and args.command in ("sample", "export-hf"):
+        parser.error(f"{args.command} takes no --config overrides; it uses the run's saved config")
     if args.command == "eval" and any(not o.startswith("--config.data.") for o in overrides):
         parser.error("eval takes only --config.data.KEY=VALUE overrides (with --data)")
     try:

@@ -77,13 +77,15 @@ class ByteTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizers` tokenizer: one trained here (bpe) or a saved one (hf)."""
 
-    def __init__(self, tok, kind: str):
+    def __init__(self, tok, kind: str, eot_token: str = EOT):
         self.tok = tok
         self.kind = kind
-        eot = tok.token_to_id(EOT)
+        # A pretrained tokenizer keeps its own end-of-sequence token (e.g. LLaMA's '</s>').
+        self.eot_token = eot_token
+        eot = tok.token_to_id(eot_token)
         if eot is None:  # a saved tokenizer without our end-of-text token: add it
-            tok.add_special_tokens([EOT])
-            eot = tok.token_to_id(EOT)
+            tok.add_special_tokens([eot_token])
+            eot = tok.token_to_id(eot_token)
         self.eot_id = eot
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
 
@@ -94,7 +96,7 @@ class HFTokenizer(Tokenizer):
         return [e.ids for e in self.tok.encode_batch(list(texts))]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=False).replace(EOT, "")
+        return self.tok.decode(list(ids), skip_special_tokens=False).replace(self.eot_token, "")
 
     def token_bytes(self) -> np.ndarray:
         out = np.zeros(self.vocab_size, np.int32)
@@ -104,13 +106,15 @@ class HFTokenizer(Tokenizer):
         return out
 
     def state(self) -> dict:
-        return {"tokenizer_json": self.tok.to_str()}
+        eot = {} if self.eot_token == EOT else {"eot": self.eot_token}
+        return {"tokenizer_json": self.tok.to_str(), **eot}
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.tok.save(str(directory / "tokenizer.json"))
-        (directory / META).write_text(json.dumps({"kind": self.kind, "file": "tokenizer.json"}))
+        eot = {} if self.eot_token == EOT else {"eot": self.eot_token}
+        (directory / META).write_text(json.dumps({"kind": self.kind, "file": "tokenizer.json", **eot}))
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
@@ -168,7 +172,7 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     if kind in ("bpe", "hf"):
         from tokenizers import Tokenizer as HFTok
 
-        return HFTokenizer(HFTok.from_file(str(directory / meta["file"])), kind)
+        return HFTokenizer(HFTok.from_file(str(directory / meta["file"])), kind, meta.get("eot", EOT))
     from lmjax.data import vocab_tokenizers
 
     return vocab_tokenizers.from_state(meta)
