@@ -21,7 +21,8 @@ from lmjax.checkpoint import Checkpoints
 from lmjax.data import Data, prepare
 from lmjax.data.batches import Prefetcher, TrainBatches, heldout_subset
 from lmjax.errors import UserError
-from lmjax.metrics import MetricsWriter, Progress, truncate_after
+from lmjax.flops import Utilisation
+from lmjax.metrics import MetricsWriter, Progress, StepTrace, sample_text, truncate_after
 from lmjax.models import build_model
 from lmjax.train.optimizer import build_optimizer
 from lmjax.train.parallel import build_parallel, check_batch
@@ -184,6 +185,8 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
     say(f"model: {cfg.model.kind}, {n_params / 1e6:.2f}M parameters, vocabulary {data.tokenizer.vocab_size} ({data.tokenizer.kind})")
     say(f"data: {data.description}; train {len(data.train.tokens):,} tokens, held-out {len(data.heldout.tokens):,} tokens")
     say(f"steps {start} → {total}, {batch} x {seq_len} = {batch * seq_len:,} tokens per step; {parallel.describe()}")
+    utilisation = Utilisation.for_run(cfg, run.model, parallel)
+    say(utilisation.describe())
 
     batches = TrainBatches(data.train, seq_len, batch, cfg.data.seed, jax.process_index(), jax.process_count(),
                            cfg.data.document_mask)
@@ -192,7 +195,9 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
     step_fn = parallel.compile_step(partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum,
                                             on_nan=cfg.train.on_nan), run.shardings)
     eval_fn = parallel.compile_eval(partial(make_eval_step, run.model), run.shardings)
-    writer = MetricsWriter(run_dir, is_main, cfg.train.tensorboard and is_main, cfg.to_dict())
+    writer = MetricsWriter(run_dir, is_main, cfg.train.tensorboard and is_main, cfg.to_dict(),
+                           wandb=cfg.train.wandb, started=t_start, resumed_step=start)
+    trace = StepTrace(run_dir / "profile", cfg.train.profile_steps, start + 1, is_main)
     progress = Progress(total, start, cfg.train.log_every, is_main)
     result = {"run_dir": str(run_dir), "start_step": start, "params": n_params}
 
@@ -229,13 +234,16 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
                     record = {"loss": last_loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
                               "update_norm": float(m["update_norm"]), "param_norm": float(m["param_norm"]),
                               "tokens_seen": done * tokens_per_step, "tokens_per_s": tps,
-                              "step_time": elapsed / max(steps_since_log, 1), "skipped": int(m["skipped"])}
+                              "step_time": elapsed / max(steps_since_log, 1), "skipped": int(m["skipped"]),
+                              **utilisation.fields(tps)}
                     writer.write(done, record)
                     result["tokens_per_s"] = tps
-                    progress.update(done, {"loss": last_loss, "heldout": heldout_loss, "tok/s": round(tps)})
-                    t_log, steps_since_log = time.time(), 0
+                    progress.update(done, {"loss": last_loss, "heldout": heldout_loss, "tok/s": round(tps),
+                                           "mfu": utilisation.mfu(tps)})
+                    t_log, steps_since_log = t_log + elapsed, 0  # fetch to fetch: logging counts in the next window
 
             for step, device_batch in prefetch:
+                trace.before(step)
                 state, metrics = step_fn(state, device_batch)
                 done = step + 1
                 if pending is not None:
@@ -260,9 +268,19 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
                         name = signal.Signals(signals.received).name
                         raise Preempted(f"received {name}: saved a checkpoint at step {done} in {ckpts.directory}; "
                                         "run the same command to resume", signals.received)
+                if trace.after(step, metrics):  # the trace's one device sync: keep it out of tokens/s
+                    if pending is not None:
+                        finish(pending)
+                        pending = None
+                    t_log, steps_since_log = time.time(), 0
+                    progress.log(f"profiler: traced {cfg.train.profile_steps} steps into {trace.directory}")
             if pending is not None:
                 finish(pending)
+            if writer.tb is not None and jax.process_count() == 1:  # what the trained model writes, in TensorBoard
+                writer.text("sample", "```\n" + sample_text(run.model, parallel.to_global(state).params,
+                                                            data.tokenizer, cfg.sample) + "\n```", total)
     finally:
+        trace.stop()
         prefetch.close()
         progress.close()
         ckpts.wait()
