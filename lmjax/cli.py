@@ -1,4 +1,4 @@
-"""`lmjax train | eval | sample`: the command line.
+"""`lmjax train | eval | sample | plot | runs`: the command line.
 
 Mistakes a person can fix (UserError) print one line and exit with status 2; eval and
 sample read the run's saved config.json and never execute an experiment file.
@@ -156,6 +156,31 @@ def cmd_sample(args, overrides) -> int:
     return 0
 
 
+def cmd_plot(args, overrides) -> int:
+    from lmjax.metrics import plot_runs
+
+    if args.out:
+        out = Path(args.out)
+    elif len(args.run_dirs) == 1:
+        out = Path(args.run_dirs[0]) / "loss.png"
+    else:
+        out = Path("loss.png")
+    print(f"wrote {plot_runs(args.run_dirs, out, args.x, args.log_x)}")
+    return 0
+
+
+def cmd_runs(args, overrides) -> int:
+    from lmjax.metrics import find_runs, format_runs, run_summary
+
+    root = Path(args.dir)
+    runs = find_runs(root)
+    if not runs:
+        print(f"no runs under {root} (a run is a directory with metrics.jsonl)")
+        return 0
+    print(format_runs([run_summary(r) for r in runs], root))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmjax", description="Train, resume, evaluate and sample language models in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -184,10 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--greedy", action="store_true")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+    pl = sub.add_parser("plot", help="training and held-out loss curves of one or more runs (PNG)")
+    pl.add_argument("run_dirs", nargs="+")
+    pl.add_argument("--x", choices=("step", "tokens", "time"), default="step", help="x axis (time: wall seconds)")
+    pl.add_argument("--log-x", action="store_true", help="logarithmic x axis")
+    pl.add_argument("--out", help="PNG to write (default RUN_DIR/loss.png for one run, ./loss.png for several)")
+
+    r = sub.add_parser("runs", help="table of the runs under a directory: steps, best held-out loss, tokens, time")
+    r.add_argument("dir", nargs="?", default="runs")
     return p
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "plot": cmd_plot, "runs": cmd_runs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in extra if not a.startswith("--config.")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if overrides and args.command == "sample":
-        parser.error("sample takes no --config overrides; it uses the run's saved config")
+    if overrides and args.command in ("sample", "plot", "runs"):
+        parser.error(f"{args.command} takes no --config overrides; it reads what the runs saved")
     try:
         return COMMANDS[args.command](args, overrides)
     except UserError as e:
