@@ -1,4 +1,4 @@
-"""`lmjax train | eval | sample`: the command line.
+"""`lmjax train | eval | sample | plot | runs`: the command line.
 
 Mistakes a person can fix (UserError) print one line and exit with status 2; eval and
 sample read the run's saved config.json and never execute an experiment file.
@@ -192,6 +192,31 @@ def cmd_export_hf(args, overrides) -> int:
     return 0
 
 
+def cmd_plot(args, overrides) -> int:
+    from lmjax.metrics import plot_runs
+
+    if args.out:
+        out = Path(args.out)
+    elif len(args.run_dirs) == 1:
+        out = Path(args.run_dirs[0]) / "loss.png"
+    else:
+        out = Path("loss.png")
+    print(f"wrote {plot_runs(args.run_dirs, out, args.x, args.log_x)}")
+    return 0
+
+
+def cmd_runs(args, overrides) -> int:
+    from lmjax.metrics import find_runs, format_runs, run_summary
+
+    root = Path(args.dir)
+    runs = find_runs(root)
+    if not runs:
+        print(f"no runs under {root} (a run is a directory with metrics.jsonl)")
+        return 0
+    print(format_runs([run_summary(r) for r in runs], root))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmjax", description="Train, resume, evaluate and sample language models in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -235,11 +260,20 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run_dir")
     x.add_argument("--checkpoint", default="latest", help="latest | best | STEP")
     x.add_argument("--out", required=True, help="directory for config.json, model.safetensors and the tokenizer")
+
+    pl = sub.add_parser("plot", help="training and held-out loss curves of one or more runs (PNG)")
+    pl.add_argument("run_dirs", nargs="+")
+    pl.add_argument("--x", choices=("step", "tokens", "time"), default="step", help="x axis (time: wall seconds)")
+    pl.add_argument("--log-x", action="store_true", help="logarithmic x axis")
+    pl.add_argument("--out", help="PNG to write (default RUN_DIR/loss.png for one run, ./loss.png for several)")
+
+    r = sub.add_parser("runs", help="table of the runs under a directory: steps, best held-out loss, tokens, time")
+    r.add_argument("dir", nargs="?", default="runs")
     return p
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample,
-            "import-hf": cmd_import_hf, "export-hf": cmd_export_hf}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "import-hf": cmd_import_hf,
+            "export-hf": cmd_export_hf, "plot": cmd_plot, "runs": cmd_runs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in extra if not a.startswith("--config.")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if overrides and args.command in ("sample", "export-hf"):
-        parser.error(f"{args.command} takes no --config overrides; it uses the run's saved config")
+    if overrides and args.command in ("sample", "export-hf", "plot", "runs"):
+        parser.error(f"{args.command} takes no --config overrides; it uses what the run saved")
     if args.command == "eval" and any(not o.startswith("--config.data.") for o in overrides):
         parser.error("eval takes only --config.data.KEY=VALUE overrides (with --data)")
     try:

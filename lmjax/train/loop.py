@@ -21,7 +21,8 @@ from lmjax.checkpoint import Checkpoints
 from lmjax.data import Data, prepare
 from lmjax.data.batches import Prefetcher, TrainBatches, heldout_subset
 from lmjax.errors import UserError
-from lmjax.metrics import MetricsWriter, Progress, truncate_after
+from lmjax.flops import Utilisation
+from lmjax.metrics import MetricsWriter, Progress, StepTrace, sample_text, truncate_after
 from lmjax.models import build_model
 from lmjax.train.optimizer import build_optimizer
 from lmjax.train.parallel import build_parallel, check_batch
@@ -188,6 +189,8 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at:
     say(f"model: {cfg.model.kind}, {n_params / 1e6:.2f}M parameters, vocabulary {data.tokenizer.vocab_size} ({data.tokenizer.kind})")
     say(f"data: {data.description}; train {len(data.train.tokens):,} tokens, held-out {len(data.heldout.tokens):,} tokens")
     say(f"steps {start} → {total}, {batch} x {seq_len} = {batch * seq_len:,} tokens per step; {parallel.describe()}")
+    utilisation = Utilisation.for_run(cfg, run.model, parallel)
+    say(utilisation.describe())
 
     batches = TrainBatches(data.train, seq_len, batch, cfg.data.seed, jax.process_index(), jax.process_count(),
                            cfg.data.document_mask)
@@ -196,7 +199,9 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at:
     step_fn = parallel.compile_step(partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum,
                                             on_nan=cfg.train.on_nan), run.shardings)
     eval_fn = parallel.compile_eval(partial(make_eval_step, run.model), run.shardings)
-    writer = MetricsWriter(run_dir, is_main, cfg.train.tensorboard and is_main, cfg.to_dict())
+    writer = MetricsWriter(run_dir, is_main, cfg.train.tensorboard and is_main, cfg.to_dict(),
+                           wandb=cfg.train.wandb, started=t_start, resumed_step=start)
+    trace = StepTrace(run_dir / "profile", cfg.train.profile_steps, start + 1, is_main)
     progress = Progress(total, start, cfg.train.log_every, is_main)
     result = {"run_dir": str(run_dir), "start_step": start, "params": n_params}
 
@@ -235,14 +240,16 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at:
                     info = {"loss": last_loss, "heldout": heldout_loss}
                     if steps_since_log:
                         elapsed = time.time() - t_log
-                        record["tokens_per_s"] = info["tok/s"] = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
-                        record["step_time"] = elapsed / steps_since_log
-                        result["tokens_per_s"] = record["tokens_per_s"]
+                        tps = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
+                        record.update(tokens_per_s=tps, step_time=elapsed / steps_since_log, **utilisation.fields(tps))
+                        info.update({"tok/s": round(tps), "mfu": utilisation.mfu(tps)})
+                        result["tokens_per_s"] = tps
                     writer.write(done, record)
                     progress.update(done, info)
                     t_log, steps_since_log = time.time(), 0
 
             for step, device_batch in prefetch:
+                trace.before(step)
                 state, metrics = step_fn(state, device_batch)
                 done = step + 1
                 if pending is not None:
@@ -267,9 +274,19 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at:
                         name = signal.Signals(signals.received).name
                         raise Preempted(f"received {name}: saved a checkpoint at step {done} in {ckpts.directory}; "
                                         "run the same command to resume", signals.received)
+                if trace.after(step, metrics):  # the trace's one device sync: keep it out of tokens/s
+                    if pending is not None:
+                        finish(pending)
+                        pending = None
+                    t_log, steps_since_log = time.time(), 0
+                    progress.log(f"profiler: traced {cfg.train.profile_steps} steps into {trace.directory}")
             if pending is not None:
                 finish(pending)
+            if writer.tb is not None and jax.process_count() == 1:  # what the trained model writes, in TensorBoard
+                writer.text("sample", "```\n" + sample_text(run.model, parallel.to_global(state).params,
+                                                            data.tokenizer, cfg.sample) + "\n```", total)
     finally:
+        trace.stop()
         prefetch.close()
         progress.close()
         ckpts.wait()
