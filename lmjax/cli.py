@@ -88,17 +88,11 @@ def evaluate_run(run_dir: str, which: str, stride: int, batch_size: int, data_ov
 
     from lmjax import config as config_lib
     from lmjax.data import tokenize_source
-    from lmjax.data.cache import build_or_load
-    from lmjax.data.sources import load_corpus
     from lmjax.evaluate import evaluate, make_row_nll
 
     cfg, run, params, tok, step = load_run(run_dir, which)
-    if data_overrides:
-        data_cfg = config_lib.apply_overrides(cfg.copy_and_resolve_references(), data_overrides).data
-        split = tokenize_source(data_cfg, tok, log=lambda *_: None)
-    else:
-        corpus = load_corpus(cfg.data)
-        split = build_or_load({"heldout": corpus.heldout}, corpus.fingerprint, tok, cfg.data, log=lambda *_: None)["heldout"]
+    data_cfg = config_lib.apply_overrides(cfg.copy_and_resolve_references(), data_overrides).data if data_overrides else cfg.data
+    split = tokenize_source(data_cfg, tok, log=lambda *_: None)
     context = cfg.data.seq_len
     parallel = run.parallel
     batch_size = -(-batch_size // parallel.batch_divisor) * parallel.batch_divisor

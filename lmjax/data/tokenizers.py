@@ -86,6 +86,7 @@ class HFTokenizer(Tokenizer):
             eot = tok.token_to_id(EOT)
         self.eot_id = eot
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        tok.encode_special_tokens = True  # '<|endoftext|>' inside a text is text, not the token
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text).ids
@@ -94,13 +95,17 @@ class HFTokenizer(Tokenizer):
         return [e.ids for e in self.tok.encode_batch(list(texts))]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=False).replace(EOT, "")
+        return self.tok.decode([i for i in ids if i != self.eot_id], skip_special_tokens=False)
 
     def token_bytes(self) -> np.ndarray:
+        """Bytes per id. Byte-level BPE maps each byte to one character of a token's string,
+        so its length is exact; other tokenizers count the UTF-8 of the id decoded alone."""
+        byte_level = type(self.tok.decoder).__name__ == "ByteLevel"
+        special = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
         out = np.zeros(self.vocab_size, np.int32)
         for i in range(self.vocab_size):
-            if i != self.eot_id:
-                out[i] = len(self.tok.decode([i]).encode("utf-8"))
+            if i != self.eot_id and i not in special:
+                out[i] = len(self.tok.id_to_token(i)) if byte_level else len(self.tok.decode([i]).encode("utf-8"))
         return out
 
     def state(self) -> dict:
@@ -171,4 +176,4 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         return HFTokenizer(HFTok.from_file(str(directory / meta["file"])), kind)
     from lmjax.data import vocab_tokenizers
 
-    return vocab_tokenizers.from_state(meta)
+    return vocab_tokenizers.from_state(meta, directory)
