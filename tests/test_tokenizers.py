@@ -178,3 +178,11 @@ def test_tiktoken_missing_file_is_a_user_error(tmp_path):
     bad.write_text("not a tiktoken file\n")
     with pytest.raises(UserError, match="line 1 is not 'BASE64_TOKEN RANK'"):
         build_tokenizer(tok_cfg("tiktoken", path=str(bad)), [])
+
+
+def test_decode_after_joins_a_continuation_to_its_prompt(all_tokenizers):
+    word = all_tokenizers["word"]
+    prompt, more = word.encode("the quick"), word.encode("brown fox")
+    assert word.decode_after(prompt, more) == " brown fox"  # the space a word tokenizer puts between
+    byte = all_tokenizers["byte"]
+    assert byte.decode_after(byte.encode("ab"), byte.encode("cd")) == "cd"

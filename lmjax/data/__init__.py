@@ -64,6 +64,11 @@ def prepare(cfg, run_dir: Path, log=print) -> Data:
     tok = tokenizer_for_run(cfg, run_dir, corpus)
     check_vocab(tok, cfg.model)
     splits = build_or_load({"train": corpus.train, "heldout": corpus.heldout}, tok, cfg.data, log)
+    for name, fix in (("train", "add data"), ("heldout", "hold out more data (data.heldout_fraction or data.heldout_paths)")):
+        n = len(splits[name].tokens)
+        if n <= cfg.data.seq_len:  # a window needs seq_len inputs and one more target
+            raise UserError(f"the {name} split of {corpus.description} has {n:,} tokens, fewer than data.seq_len + 1 = "
+                            f"{cfg.data.seq_len + 1}; lower data.seq_len or {fix}")
     return Data(tok, splits["train"], splits["heldout"], corpus.description)
 
 

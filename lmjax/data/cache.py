@@ -70,9 +70,25 @@ def _tokenize(ds, tokenizer: Tokenizer, num_proc: int, arrow_file: Path, fingerp
         texts = [t or "" for t in batch["text"]]  # a missing field (None) is an empty document
         return {"ids": tokenizer.encode_batch(texts), "n_bytes": [len(t.encode("utf-8")) for t in texts]}
 
-    return ds.map(encode, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
-                  remove_columns=ds.column_names, features=Features({"ids": Sequence(Value("int32")), "n_bytes": Value("int64")}),
-                  cache_file_name=str(arrow_file), new_fingerprint=fingerprint, desc=None)
+    features = Features({"ids": Sequence(Value("int32")), "n_bytes": Value("int64")})
+    with _spawned_workers() if num_proc > 1 else contextlib.nullcontext():
+        return ds.map(encode, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
+                      remove_columns=ds.column_names, features=features, cache_file_name=str(arrow_file),
+                      new_fingerprint=fingerprint, desc=None)
+
+
+@contextlib.contextmanager
+def _spawned_workers():
+    """Make datasets' worker pool start processes by spawn, not fork: a child forked from a
+    process whose JAX runtime threads are running can deadlock."""
+    import multiprocess
+
+    previous = multiprocess.get_start_method(allow_none=True)
+    multiprocess.set_start_method("spawn", force=True)
+    try:
+        yield
+    finally:
+        multiprocess.set_start_method(previous, force=True)
 
 
 def _pack(tokenized, eot_id: int, vocab_size: int, out_dir: Path) -> int:

@@ -35,6 +35,13 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
+    def decode_after(self, prefix_ids: Sequence[int], ids: Sequence[int]) -> str:
+        """The text `ids` add after `prefix_ids`: decoded together, so a word tokenizer puts its
+        space between them and a byte-level one completes a character split across them."""
+        prefix = self.decode(prefix_ids)
+        whole = self.decode([*prefix_ids, *ids])
+        return whole[len(prefix):] if whole.startswith(prefix) else self.decode(ids)
+
     def token_bytes(self) -> np.ndarray:
         """int32[vocab_size]: UTF-8 bytes of text each id stands for (0 for specials)."""
         raise NotImplementedError
