@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmjax.data.cache import TokenSplit, build_or_load
+from lmjax.data.cache import SPLIT_NAMES, TokenSplit, build_or_load
 from lmjax.data.sources import load_corpus
 from lmjax.data.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
 from lmjax.errors import UserError
@@ -56,7 +56,7 @@ def check_vocab(tokenizer: Tokenizer, model_cfg) -> None:
     """The model's embedding must have a row for every token id."""
     if model_cfg.vocab_size and tokenizer.vocab_size > model_cfg.vocab_size:
         raise UserError(f"the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} ids but model.vocab_size={model_cfg.vocab_size}; "
-                        "set model.vocab_size=0 to take the tokenizer's size, or at least the tokenizer's")
+                        f"set model.vocab_size=0 to take the tokenizer's size, or at least {tokenizer.vocab_size}")
 
 
 def prepare(cfg, run_dir: Path, log=print) -> Data:
@@ -67,7 +67,7 @@ def prepare(cfg, run_dir: Path, log=print) -> Data:
     for name, fix in (("train", "add data"), ("heldout", "hold out more data (data.heldout_fraction or data.heldout_paths)")):
         n = len(splits[name].tokens)
         if n <= cfg.data.seq_len:  # a window needs seq_len inputs and one more target
-            raise UserError(f"the {name} split of {corpus.description} has {n:,} tokens, fewer than data.seq_len + 1 = "
+            raise UserError(f"the {SPLIT_NAMES[name]} split of {corpus.description} has {n:,} tokens, fewer than data.seq_len + 1 = "
                             f"{cfg.data.seq_len + 1}; lower data.seq_len or {fix}")
     return Data(tok, splits["train"], splits["heldout"], corpus.description)
 

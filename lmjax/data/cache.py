@@ -32,6 +32,7 @@ from lmjax.data.tokenizers import Tokenizer
 from lmjax.errors import UserError
 
 CACHE_VERSION = 2
+SPLIT_NAMES = {"train": "training", "heldout": "held-out"}  # for messages
 
 
 @dataclass
@@ -171,8 +172,8 @@ def _build(directory: Path, name: str, ds, tokenizer: Tokenizer, data_cfg) -> in
         for f in tmp.glob("*.arrow"):  # the intermediate ragged ids (one file per process)
             f.unlink()
         if total == 0:
-            raise UserError(f"the {name} split has no text: its {len(ds)} documents are all empty; "
-                            "check data.paths, data.text_field and data.split_by")
+            raise UserError(f"the {SPLIT_NAMES.get(name, name)} split has no text: its {len(ds)} document(s) are all empty; "
+                            "check data.paths, data.heldout_paths and data.text_field")
         meta = {"version": CACHE_VERSION, "split": name, "dataset": ds._fingerprint, "documents": len(ds),
                 "tokens": total, "tokenizer": {"kind": tokenizer.kind, "fingerprint": tokenizer.fingerprint()}}
         (tmp / "meta.json").write_text(json.dumps(meta))

@@ -53,12 +53,16 @@ def _load(builder: str, data_files, where: str, **kwargs):
     import datasets
 
     datasets.disable_progress_bars()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its error log would repeat ours
     try:
         return datasets.load_dataset(builder, data_files=data_files, **kwargs)
     except datasets.exceptions.DatasetGenerationError as e:
         cause = e.__cause__ or e
         raise UserError(f"could not read {where} as {builder} ({type(cause).__name__}: {str(cause).splitlines()[0][:200]}); "
                         "check the files and data.format") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
 def _resolve_files(spec: str, key: str) -> list[str]:
