@@ -69,7 +69,9 @@ def _tokenize(ds, tokenizer: Tokenizer, num_proc: int, arrow_file: Path, fingerp
 
     def encode(batch):
         texts = [t or "" for t in batch["text"]]  # a missing field (None) is an empty document
-        return {"ids": tokenizer.encode_batch(texts), "n_bytes": [len(t.encode("utf-8")) for t in texts]}
+        # int32 arrays: datasets writes them to Arrow ~8x faster than lists of Python ints.
+        return {"ids": [np.asarray(ids, np.int32) for ids in tokenizer.encode_batch(texts)],
+                "n_bytes": [len(t.encode("utf-8")) for t in texts]}
 
     features = Features({"ids": Sequence(Value("int32")), "n_bytes": Value("int64")})
     with _spawned_workers() if num_proc > 1 else contextlib.nullcontext():
