@@ -250,7 +250,7 @@ def test_publish_keeps_the_first_complete_entry(tmp_path):
     tmp.mkdir()
     (tmp / "meta.json").write_text("{}")
     (tmp / "tokens.npy").write_text("second")
-    cache._publish(tmp, done)
+    cache.publish(tmp, done)
     assert (done / "tokens.npy").read_text() == "first" and not tmp.exists()
 
 
@@ -294,3 +294,16 @@ def test_two_processes_building_the_same_cache(tmp_path):
     assert sorted(r["log"].split(" ")[0] for r in results) == ["reusing", "tokenized"]  # built once
     entries = [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()]
     assert len(entries) == 1 and not entries[0].startswith(".")
+
+
+def test_unreachable_hub_dataset_is_a_user_error(monkeypatch):
+    import datasets
+
+    from lmjax.errors import UserError
+
+    def offline(name, config=None, **kwargs):
+        raise datasets.exceptions.DatasetNotFoundError(f"Dataset '{name}' doesn't exist on the Hub or cannot be accessed.")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(UserError, match="could not load hub dataset data.hub_name='user/missing'.*doesn't exist"):
+        load_corpus(data_cfg(source="hub", hub_name="user/missing"))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmjax.data.cache import SPLIT_NAMES, TokenSplit, build_or_load
+from lmjax.data.cache import SPLIT_NAMES, TokenSplit, build_or_load, publish
 from lmjax.data.sources import load_corpus
 from lmjax.data.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
 from lmjax.errors import UserError
@@ -27,9 +28,10 @@ def _saved_tokenizer_mismatch(tok: Tokenizer, saved_settings: dict, cfg_tok) -> 
     """Why the run's saved tokenizer is not the one config section `tokenizer` asks for (None if it is)."""
     if tok.kind != cfg_tok.kind:
         return f"a '{tok.kind}' tokenizer but the config asks for tokenizer.kind='{cfg_tok.kind}'"
-    for key in ("vocab_size", "path"):
-        if key in saved_settings and saved_settings[key] != cfg_tok[key]:
-            return f"a tokenizer made with tokenizer.{key}={saved_settings[key]!r} but the config has {cfg_tok[key]!r}"
+    learned = cfg_tok.kind in ("char", "word", "bpe")
+    if learned and "vocab_size" in saved_settings and saved_settings["vocab_size"] != cfg_tok.vocab_size:
+        return f"a tokenizer made with tokenizer.vocab_size={saved_settings['vocab_size']} but the config has {cfg_tok.vocab_size}"
+    # A file-based tokenizer is compared by content: the run keeps its own copy, so a moved file is fine.
     if cfg_tok.kind in ("hf", "tiktoken") and cfg_tok.path and Path(cfg_tok.path).expanduser().exists():
         if build_tokenizer(cfg_tok, ()).fingerprint() != tok.fingerprint():
             return f"a different tokenizer from the one now at tokenizer.path='{cfg_tok.path}' (the file changed)"
@@ -47,9 +49,12 @@ def tokenizer_for_run(cfg, run_dir: Path, corpus) -> Tokenizer:
             raise UserError(f"the run directory {run_dir} holds {why}; use a new --workdir or restore the setting")
         return tok
     tok = build_tokenizer(cfg.tokenizer, (t or "" for t in corpus.train["text"]))
-    tok.save(saved)
-    (saved / SETTINGS).write_text(json.dumps(cfg.tokenizer.to_dict()))
-    return tok
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=run_dir))
+    tok.save(tmp)
+    (tmp / SETTINGS).write_text(json.dumps(cfg.tokenizer.to_dict()))
+    publish(tmp, saved, SETTINGS)  # processes sharing the run directory all use the first one saved
+    return load_tokenizer(saved)
 
 
 def check_vocab(tokenizer: Tokenizer, model_cfg) -> None:

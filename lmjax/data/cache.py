@@ -150,15 +150,16 @@ def _locked(lock_file: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _publish(tmp: Path, directory: Path) -> None:
-    """Move a finished entry into place; if another process got there first, keep theirs."""
+def publish(tmp: Path, directory: Path, marker: str = "meta.json") -> None:
+    """Move a finished directory (complete when it holds `marker`) into place atomically; if
+    another process got there first, keep theirs."""
     try:
         os.rename(tmp, directory)
         return
     except OSError:
         if not directory.exists():
             raise
-    if is_complete(directory):  # identical content from another process: drop ours
+    if (directory / marker).is_file():  # the same content from another process: drop ours
         shutil.rmtree(tmp)
     else:  # a stale, incomplete directory (not written by this code): replace it
         shutil.rmtree(directory)
@@ -179,7 +180,7 @@ def _build(directory: Path, name: str, ds, tokenizer: Tokenizer, data_cfg) -> in
         meta = {"version": CACHE_VERSION, "split": name, "dataset": ds._fingerprint, "documents": len(ds),
                 "tokens": total, "tokenizer": {"kind": tokenizer.kind, "fingerprint": tokenizer.fingerprint()}}
         (tmp / "meta.json").write_text(json.dumps(meta))
-        _publish(tmp, directory)
+        publish(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return total

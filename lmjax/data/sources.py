@@ -157,7 +157,12 @@ def load_corpus(data) -> Corpus:
             if not data.hub_name:
                 raise UserError("data.source='hub' needs data.hub_name (and data.hub_config if the dataset has configs)")
             datasets.disable_progress_bars()
-            ds = datasets.load_dataset(data.hub_name, data.hub_config or None)
+            try:
+                ds = datasets.load_dataset(data.hub_name, data.hub_config or None)
+            except (ConnectionError, FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+                raise UserError(f"could not load hub dataset data.hub_name={data.hub_name!r} data.hub_config={data.hub_config!r} "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); check the names, "
+                                "and that it is cached here when HF_DATASETS_OFFLINE=1") from None
             where = f"hub dataset {data.hub_name}"
         if isinstance(ds, datasets.DatasetDict):
             if data.train_split not in ds:
