@@ -8,7 +8,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import write_experiment
@@ -28,7 +27,7 @@ CASES = {
     "jsonl": {"tokenizer.kind": "tiktoken"},
     "csv": {"tokenizer.kind": "bpe", "tokenizer.vocab_size": 300},
     "parquet": {},
-    "arrow": {"data.num_proc": 2},
+    "arrow": {"data.document_mask": True, "model.positions": "rope"},
     "saved_dataset": {"data.split_by": "line"},  # split_by applies to text files only: ignored here
     "saved_dict": {"tokenizer.kind": "word", "tokenizer.vocab_size": 60},
     "hub": {"data.source": "hub", "data.hub_name": "user/corpus", "data.seq_len": 16},
