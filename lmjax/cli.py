@@ -171,8 +171,8 @@ def cmd_sample(args, overrides) -> int:
     max_len = getattr(run.model.cfg, "max_len", None) if cfg.model.kind == "transformer" else None
     outs = generate(run.model, params, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, greedy=args.greedy, seed=args.seed, eot_id=tok.eot_id, max_len=max_len)
-    for prompt, new in zip(prompts, outs):
-        text = cut_at_stop(tok.decode(new), args.stop or [])
+    for prompt, prompt_ids, new in zip(prompts, ids, outs):
+        text = cut_at_stop(tok.decode_after(prompt_ids, new), args.stop or [])
         print(f"--- sample from {args.run_dir} at step {step} ---")
         print(prompt + text)
     return 0

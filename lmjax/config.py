@@ -48,8 +48,8 @@ def base_config() -> ConfigDict:
 
     c.tokenizer = ConfigDict()
     c.tokenizer.kind = "byte"  # byte | char | word | bpe | hf | tiktoken
-    c.tokenizer.vocab_size = 0  # word / bpe: target size
-    c.tokenizer.path = ""  # hf: tokenizer.json or directory; tiktoken: encoding file
+    c.tokenizer.vocab_size = 0  # char / word: cap (0 = every one seen); bpe: target size (0 = 4096)
+    c.tokenizer.path = ""  # hf: tokenizer.json or directory; tiktoken: a local .tiktoken file (never downloaded)
 
     c.model = ConfigDict()
     c.model.kind = "transformer"  # transformer | lstm

@@ -44,7 +44,11 @@ class TrainBatches:
         """int64[global_batch]: the windows of step `step` (all processes)."""
         flat = np.arange(step * self.global_batch, (step + 1) * self.global_batch, dtype=np.int64)
         epochs, positions = np.divmod(flat, self.n_windows)
-        return np.array([self._permutation(int(e))[p] for e, p in zip(epochs, positions)], np.int64)
+        out = np.empty(self.global_batch, np.int64)
+        for epoch in np.unique(epochs):  # a step spans one epoch, or two at an epoch's end
+            rows = epochs == epoch
+            out[rows] = self._permutation(int(epoch))[positions[rows]]
+        return out
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of step `step`: int32 inputs/targets [rows, seq_len] (+ masks)."""
@@ -62,10 +66,16 @@ def windows(split: TokenSplit, starts: np.ndarray, seq_len: int, document_mask: 
 
 
 def document_positions(doc_starts: np.ndarray, idx_BxT: np.ndarray) -> dict[str, np.ndarray]:
-    """Segment ids (1, 2, ... per document inside a row) and positions restarting at each."""
+    """Segment ids (1, 2, ... per document inside a row) and positions restarting at each.
+
+    A document's closing EOT belongs to it. Positions count from the document's first token
+    in the row (a row that starts mid-document counts from its own start), so they stay
+    below seq_len: a token can only attend to its document's part of the row anyway.
+    """
     doc = np.searchsorted(doc_starts, idx_BxT, side="right") - 1
+    first = np.maximum(doc_starts[doc], idx_BxT[:, :1])
     return {"segment_ids": (doc - doc[:, :1] + 1).astype(np.int32),
-            "positions": (idx_BxT - doc_starts[doc]).astype(np.int32)}
+            "positions": (idx_BxT - first).astype(np.int32)}
 
 
 def heldout_subset(split: TokenSplit, seq_len: int, batch_size: int, n_batches: int,

@@ -3,13 +3,21 @@
 Layout of a split (documents joined by end-of-text):  doc0 EOT doc1 EOT ...
   tokens.npy      uint16 (vocab ≤ 65536) or uint32 [N]
   doc_starts.npy  int64 [D + 1]: document i is tokens[doc_starts[i] : doc_starts[i+1]],
-                  its last token being the EOT that ends it
+                  its last token being the EOT that ends it (empty documents are dropped)
   doc_bytes.npy   int64 [D]: UTF-8 bytes of each document's text
-Written to a temporary directory and renamed, so a cache is either complete or absent.
+  meta.json       what was tokenized with what; written last
+
+A split's directory is named by a hash of (cache version, the split's dataset fingerprint,
+the tokenizer's fingerprint). The dataset fingerprint covers the source and its settings
+(files and their modification times, format, text field, held-out carving, max_documents),
+so a changed file or setting or tokenizer gives a new entry and anything else reuses one.
+Entries are built in a temporary directory and renamed into place, under a lock file, so a
+cache is either complete or absent even when several processes build the same one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,8 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from lmjax.data.tokenizers import Tokenizer
+from lmjax.errors import UserError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+SPLIT_NAMES = {"train": "training", "heldout": "held-out"}  # for messages
 
 
 @dataclass
@@ -44,35 +54,73 @@ def cache_root(data_cfg) -> Path:
     return Path(data_cfg.cache_dir or os.environ.get("LMJAX_CACHE") or Path.home() / ".cache" / "lmjax")
 
 
-def cache_key(corpus_fingerprint: str, tokenizer: Tokenizer) -> str:
-    blob = json.dumps({"v": CACHE_VERSION, "corpus": corpus_fingerprint, "tokenizer": tokenizer.fingerprint()})
+def cache_key(dataset_fingerprint: str, tokenizer: Tokenizer) -> str:
+    blob = json.dumps({"v": CACHE_VERSION, "dataset": dataset_fingerprint, "tokenizer": tokenizer.fingerprint()})
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _tokenize(ds, tokenizer: Tokenizer, num_proc: int):
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def _tokenize(ds, tokenizer: Tokenizer, num_proc: int, arrow_file: Path, fingerprint: str):
+    """Dataset with 'text' → Dataset with 'ids' (int32 lists) and 'n_bytes', written to `arrow_file`."""
+    from datasets import Features, Sequence, Value
+
     def encode(batch):
-        return {"ids": tokenizer.encode_batch(batch["text"]),
-                "n_bytes": [len(t.encode("utf-8")) for t in batch["text"]]}
+        texts = [t or "" for t in batch["text"]]  # a missing field (None) is an empty document
+        # int32 arrays: datasets writes them to Arrow ~8x faster than lists of Python ints.
+        return {"ids": [np.asarray(ids, np.int32) for ids in tokenizer.encode_batch(texts)],
+                "n_bytes": [len(t.encode("utf-8")) for t in texts]}
 
-    return ds.map(encode, batched=True, batch_size=64, num_proc=num_proc if num_proc > 1 else None,
-                  remove_columns=ds.column_names, desc=None, new_fingerprint=None)
+    features = Features({"ids": Sequence(Value("int32")), "n_bytes": Value("int64")})
+    with _spawned_workers() if num_proc > 1 else contextlib.nullcontext():
+        return ds.map(encode, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
+                      remove_columns=ds.column_names, features=features, cache_file_name=str(arrow_file),
+                      new_fingerprint=fingerprint, desc=None)
 
 
-def _pack(tokenized, eot_id: int, vocab_size: int, out_dir: Path) -> None:
+@contextlib.contextmanager
+def _spawned_workers():
+    """Make datasets' worker pool start processes by spawn, not fork: a child forked from a
+    process whose JAX runtime threads are running can deadlock."""
+    import multiprocess
+
+    previous = multiprocess.get_start_method(allow_none=True)
+    multiprocess.set_start_method("spawn", force=True)
+    try:
+        yield
+    finally:
+        multiprocess.set_start_method(previous, force=True)
+
+
+def _pack(tokenized, eot_id: int, vocab_size: int, out_dir: Path) -> int:
+    """Write the packed arrays of a tokenized split, one Arrow chunk at a time; return its token count."""
+    from numpy.lib.format import open_memmap
     import pyarrow.compute as pc
 
-    table = tokenized.data.table if hasattr(tokenized.data, "table") else tokenized.data
-    ids_col = table.column("ids").combine_chunks()
-    lengths = pc.list_value_length(ids_col).to_numpy(zero_copy_only=False).astype(np.int64)
-    flat = pc.list_flatten(ids_col).to_numpy(zero_copy_only=False)
-    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
-    doc_starts = np.concatenate([[0], np.cumsum(lengths + 1)]).astype(np.int64)
-    tokens = np.full(int(doc_starts[-1]), eot_id, dtype)
-    # token j of document i lands at doc_starts[i] + j: shift each by its document index.
-    tokens[np.arange(len(flat)) + np.repeat(np.arange(len(lengths)), lengths)] = flat
-    np.save(out_dir / "tokens.npy", tokens)
-    np.save(out_dir / "doc_starts.npy", doc_starts)
-    np.save(out_dir / "doc_bytes.npy", np.asarray(table.column("n_bytes").to_numpy(), np.int64))
+    table = tokenized.data.table
+    ids = table.column("ids")
+    lengths = pc.list_value_length(ids).to_numpy().astype(np.int64)
+    kept = lengths > 0
+    # Document i starts at starts[i]; an empty document takes no room (not even an EOT).
+    starts = np.concatenate([[0], np.cumsum(np.where(kept, lengths + 1, 0))])
+    total = int(starts[-1])
+    tokens = open_memmap(out_dir / "tokens.npy", mode="w+", dtype=token_dtype(vocab_size), shape=(total,))
+    tokens[:] = eot_id
+    first = 0  # index of the chunk's first document
+    for chunk in ids.chunks:
+        flat = pc.list_flatten(chunk).to_numpy(zero_copy_only=False)
+        lens = lengths[first:first + len(chunk)]
+        offsets = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        # Token j of document i lands at starts[i] + j.
+        tokens[np.arange(len(flat)) + np.repeat(starts[first:first + len(chunk)] - offsets, lens)] = flat
+        first += len(chunk)
+    tokens.flush()
+    del tokens
+    np.save(out_dir / "doc_starts.npy", np.append(starts[:-1][kept], total).astype(np.int64))
+    np.save(out_dir / "doc_bytes.npy", table.column("n_bytes").to_numpy()[kept].astype(np.int64))
+    return total
 
 
 def load_split(directory: Path) -> TokenSplit:
@@ -82,37 +130,77 @@ def load_split(directory: Path) -> TokenSplit:
         doc_bytes=np.load(directory / "doc_bytes.npy", allow_pickle=False))
 
 
-def build_or_load(splits: dict, corpus_fingerprint: str, tokenizer: Tokenizer, data_cfg, log=print) -> dict[str, TokenSplit]:
-    """Tokenize each split of `splits` (name → Dataset with 'text') once; reuse the cache after.
-
-    Each split has its own directory, so evaluating only the held-out split never leaves a
-    cache that a training run would find incomplete.
-    """
-    root = cache_root(data_cfg)
-    key = cache_key(corpus_fingerprint, tokenizer)
-    out = {}
-    for name, ds in splits.items():
-        directory = root / f"{key}-{name}"
-        if (directory / "meta.json").is_file():
-            log(f"reusing token cache {directory}")
-        else:
-            _build(directory, ds, tokenizer, data_cfg, corpus_fingerprint)
-            log(f"tokenized {name} split into cache {directory}")
-        out[name] = load_split(directory)
-    return out
+def is_complete(directory: Path) -> bool:
+    return (directory / "meta.json").is_file()
 
 
-def _build(directory: Path, ds, tokenizer: Tokenizer, data_cfg, corpus_fingerprint: str) -> None:
-    directory.parent.mkdir(parents=True, exist_ok=True)
+@contextlib.contextmanager
+def _locked(lock_file: Path):
+    """Hold an exclusive lock on `lock_file` (where the platform has fcntl)."""
+    try:
+        import fcntl
+    except ImportError:  # no fcntl: the atomic rename in _publish still keeps the cache whole
+        yield
+        return
+    with open(lock_file, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def publish(tmp: Path, directory: Path, marker: str = "meta.json") -> None:
+    """Move a finished directory (complete when it holds `marker`) into place atomically; if
+    another process got there first, keep theirs."""
+    try:
+        os.rename(tmp, directory)
+        return
+    except OSError:
+        if not directory.exists():
+            raise
+    if (directory / marker).is_file():  # the same content from another process: drop ours
+        shutil.rmtree(tmp)
+    else:  # a stale, incomplete directory (not written by this code): replace it
+        shutil.rmtree(directory)
+        os.rename(tmp, directory)
+
+
+def _build(directory: Path, name: str, ds, tokenizer: Tokenizer, data_cfg) -> int:
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
-        _pack(_tokenize(ds, tokenizer, data_cfg.num_proc), tokenizer.eot_id, tokenizer.vocab_size, tmp)
-        (tmp / "meta.json").write_text(json.dumps({"version": CACHE_VERSION, "corpus": corpus_fingerprint,
-                                                   "tokenizer": tokenizer.fingerprint()}))
-        try:
-            os.rename(tmp, directory)
-        except OSError:  # another process finished the same cache first: keep theirs
-            shutil.rmtree(tmp)
-    except BaseException:
+        tokenized = _tokenize(ds, tokenizer, data_cfg.num_proc, tmp / "ids.arrow", directory.name)
+        total = _pack(tokenized, tokenizer.eot_id, tokenizer.vocab_size, tmp)
+        del tokenized
+        for f in tmp.glob("*.arrow"):  # the intermediate ragged ids (one file per process)
+            f.unlink()
+        if total == 0:
+            raise UserError(f"the {SPLIT_NAMES.get(name, name)} split has no text: its {len(ds)} document(s) are all empty; "
+                            "check data.paths, data.heldout_paths and data.text_field")
+        meta = {"version": CACHE_VERSION, "split": name, "dataset": ds._fingerprint, "documents": len(ds),
+                "tokens": total, "tokenizer": {"kind": tokenizer.kind, "fingerprint": tokenizer.fingerprint()}}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        publish(tmp, directory)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return total
+
+
+def build_or_load(splits: dict, tokenizer: Tokenizer, data_cfg, log=print) -> dict[str, TokenSplit]:
+    """Tokenize each split of `splits` (name → Dataset with 'text') once; reuse the cache after."""
+    root = cache_root(data_cfg)
+    out = {}
+    for name, ds in splits.items():
+        directory = root / cache_key(ds._fingerprint, tokenizer)
+        if is_complete(directory):
+            log(f"reusing token cache for {name}: {directory}")
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            with _locked(root / f"{directory.name}.lock"):
+                if is_complete(directory):  # built by another process while this one waited
+                    log(f"reusing token cache for {name}: {directory}")
+                else:
+                    total = _build(directory, name, ds, tokenizer, data_cfg)
+                    log(f"tokenized {name} ({len(ds):,} documents, {total:,} tokens) into cache {directory}")
+        out[name] = load_split(directory)
+    return out

@@ -23,7 +23,6 @@ class Corpus:
     train: "datasets.Dataset"  # noqa: F821
     heldout: "datasets.Dataset"  # noqa: F821
     description: str
-    fingerprint: str
 
 
 def stdlib_files() -> list[str]:
@@ -42,11 +41,28 @@ def is_heldout(key: str, fraction: float, seed: int) -> bool:
     return h / 2**64 < fraction
 
 
-def _load(builder: str, data_files, **kwargs):
+def split_stdlib_files(files: list[str], root: str, fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train, held-out) files: held out by a hash of the path relative to `root`, so the split
+    is the same on every machine and a file never moves when others are added."""
+    held = [f for f in files if is_heldout(os.path.relpath(f, root), fraction, seed)]
+    held_set = set(held)
+    return [f for f in files if f not in held_set], held
+
+
+def _load(builder: str, data_files, where: str, **kwargs):
     import datasets
 
     datasets.disable_progress_bars()
-    return datasets.load_dataset(builder, data_files=data_files, **kwargs)
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its error log would repeat ours
+    try:
+        return datasets.load_dataset(builder, data_files=data_files, **kwargs)
+    except datasets.exceptions.DatasetGenerationError as e:
+        cause = e.__cause__ or e
+        raise UserError(f"could not read {where} as {builder} ({type(cause).__name__}: {str(cause).splitlines()[0][:200]}); "
+                        "check the files and data.format") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
 def _resolve_files(spec: str, key: str) -> list[str]:
@@ -58,6 +74,8 @@ def _resolve_files(spec: str, key: str) -> list[str]:
         if not matches:
             raise UserError(f"{key}: '{part}' matches no file; check the path (globs like data/*.txt are allowed)")
         files += [m for m in matches if os.path.isfile(m)]
+    if not files:
+        raise UserError(f"{key}: '{spec}' matches only directories; give files or a glob like DIR/*.txt")
     return files
 
 
@@ -65,25 +83,40 @@ BUILDERS = {"text": "text", "jsonl": "json", "csv": "csv", "parquet": "parquet",
 SAMPLE_BY = {"file": "document", "line": "line", "blank_line": "paragraph"}
 
 
-def _files_dataset(files: list[str], data):
+def _files_dataset(files: list[str], data, where: str):
     kwargs = {"sample_by": SAMPLE_BY[data.split_by], "encoding_errors": "replace"} if data.format == "text" else {}
-    return _load(BUILDERS[data.format], {"train": files}, **kwargs)["train"]
+    # The split is named 'train' because datasets reserves 'all'.
+    return _load(BUILDERS[data.format], {"train": files}, where, **kwargs)["train"]
 
 
 def _text_column(ds, field: str, where: str):
+    """`ds` reduced to its text field, renamed 'text'."""
     if field not in ds.column_names:
         raise UserError(f"{where} has no field '{field}'; its fields are {', '.join(ds.column_names)}; set data.text_field")
+    dtype = getattr(ds.features[field], "dtype", None)
+    if dtype not in ("string", "large_string"):
+        raise UserError(f"field '{field}' of {where} holds {ds.features[field]}, not text; set data.text_field to a text field "
+                        f"(fields: {', '.join(ds.column_names)})")
     ds = ds.select_columns([field])
     if field != "text":
         ds = ds.rename_column(field, "text")
     return ds
 
 
+def carve(n_docs: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) document indices: round(fraction * n_docs) documents, at least one,
+    chosen by a permutation seeded with `seed`; each index list is sorted."""
+    if n_docs < 2:
+        return np.arange(n_docs), np.arange(0)
+    n_held = min(max(1, round(fraction * n_docs)), n_docs - 1)
+    order = np.random.default_rng(seed).permutation(n_docs)
+    return np.sort(order[n_held:]), np.sort(order[:n_held])
+
+
 def _carve(ds, data):
     """Split a single dataset into (train, held-out) by whole documents, seeded."""
-    rng = np.random.default_rng(data.split_seed)
-    held = rng.random(len(ds)) < data.heldout_fraction
-    return ds.select(np.flatnonzero(~held)), ds.select(np.flatnonzero(held))
+    train, held = carve(len(ds), data.heldout_fraction, data.split_seed)
+    return ds.select(train), ds.select(held)
 
 
 def load_corpus(data) -> Corpus:
@@ -92,33 +125,44 @@ def load_corpus(data) -> Corpus:
 
     source = data.source
     if source == "stdlib":
-        files = stdlib_files()
         root = sysconfig.get_paths()["stdlib"]
-        held = [f for f in files if is_heldout(os.path.relpath(f, root), data.heldout_fraction, data.split_seed)]
-        train = [f for f in files if f not in set(held)]
-        dd = _load("text", {"train": train, "validation": held}, sample_by="document", encoding_errors="replace")
+        train, held = split_stdlib_files(stdlib_files(), root, data.heldout_fraction, data.split_seed)
+        dd = _load("text", {"train": train, "validation": held}, f"the standard library at {root}",
+                   sample_by="document", encoding_errors="replace")
         train_ds, held_ds = dd["train"], dd["validation"]
         desc = f"Python {sysconfig.get_python_version()} standard library: {len(train)} train files, {len(held)} held-out files"
     elif source == "files":
         files = _resolve_files(data.paths, "data.paths")
+        where = f"data.paths={data.paths!r}"
+        train_ds = _text_column(_files_dataset(files, data, where), data.text_field, where)
         if data.heldout_paths:
-            train_ds = _text_column(_files_dataset(files, data), data.text_field, "data.paths")
-            held_ds = _text_column(_files_dataset(_resolve_files(data.heldout_paths, "data.heldout_paths"), data),
-                                   data.text_field, "data.heldout_paths")
+            held_files = _resolve_files(data.heldout_paths, "data.heldout_paths")
+            where = f"data.heldout_paths={data.heldout_paths!r}"
+            held_ds = _text_column(_files_dataset(held_files, data, where), data.text_field, where)
         else:
-            train_ds, held_ds = _carve(_text_column(_files_dataset(files, data), data.text_field, "data.paths"), data)
+            train_ds, held_ds = _carve(train_ds, data)
         desc = f"{len(files)} {data.format} file(s) from {data.paths}"
     elif source in ("saved", "hub"):
         if source == "saved":
             path = Path(data.paths)
             if not path.exists():
                 raise UserError(f"data.paths '{path}' does not exist; point it at a directory written by Dataset.save_to_disk")
-            ds = datasets.load_from_disk(str(path))
+            try:
+                ds = datasets.load_from_disk(str(path))
+            except FileNotFoundError:
+                raise UserError(f"data.paths '{path}' is not a dataset saved with save_to_disk (no dataset_info.json / "
+                                "dataset_dict.json); point it at the directory that Dataset.save_to_disk wrote") from None
             where = f"the saved dataset at {path}"
         else:
             if not data.hub_name:
                 raise UserError("data.source='hub' needs data.hub_name (and data.hub_config if the dataset has configs)")
-            ds = datasets.load_dataset(data.hub_name, data.hub_config or None)
+            datasets.disable_progress_bars()
+            try:
+                ds = datasets.load_dataset(data.hub_name, data.hub_config or None)
+            except (ConnectionError, FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+                raise UserError(f"could not load hub dataset data.hub_name={data.hub_name!r} data.hub_config={data.hub_config!r} "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); check the names, "
+                                "and that it is cached here when HF_DATASETS_OFFLINE=1") from None
             where = f"hub dataset {data.hub_name}"
         if isinstance(ds, datasets.DatasetDict):
             if data.train_split not in ds:
@@ -141,5 +185,4 @@ def load_corpus(data) -> Corpus:
         raise UserError(f"the training split of {desc} is empty; check data.paths and data.heldout_fraction")
     if len(held_ds) == 0:
         raise UserError(f"the held-out split of {desc} is empty; raise data.heldout_fraction or set data.heldout_paths")
-    fingerprint = hashlib.sha256(f"{train_ds._fingerprint}|{held_ds._fingerprint}".encode()).hexdigest()[:16]
-    return Corpus(train_ds, held_ds, desc, fingerprint)
+    return Corpus(train_ds, held_ds, desc)

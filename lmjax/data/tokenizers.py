@@ -29,11 +29,19 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str]) -> list[Sequence[int]]:
+        """The ids of each text, as lists or int32 arrays."""
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
+
+    def decode_after(self, prefix_ids: Sequence[int], ids: Sequence[int]) -> str:
+        """The text `ids` add after `prefix_ids`: decoded together, so a word tokenizer puts its
+        space between them and a byte-level one completes a character split across them."""
+        prefix = self.decode(prefix_ids)
+        whole = self.decode([*prefix_ids, *ids])
+        return whole[len(prefix):] if whole.startswith(prefix) else self.decode(ids)
 
     def token_bytes(self) -> np.ndarray:
         """int32[vocab_size]: UTF-8 bytes of text each id stands for (0 for specials)."""
@@ -62,8 +70,8 @@ class ByteTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.int32).tolist() for t in texts]
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.int32) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -88,6 +96,7 @@ class HFTokenizer(Tokenizer):
             eot = tok.token_to_id(eot_token)
         self.eot_id = eot
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        tok.encode_special_tokens = True  # '<|endoftext|>' inside a text is text, not the token
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text).ids
@@ -96,13 +105,17 @@ class HFTokenizer(Tokenizer):
         return [e.ids for e in self.tok.encode_batch(list(texts))]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=False).replace(self.eot_token, "")
+        return self.tok.decode([i for i in ids if i != self.eot_id], skip_special_tokens=False)
 
     def token_bytes(self) -> np.ndarray:
+        """Bytes per id. Byte-level BPE maps each byte to one character of a token's string,
+        so its length is exact; other tokenizers count the UTF-8 of the id decoded alone."""
+        byte_level = type(self.tok.decoder).__name__ == "ByteLevel"
+        special = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
         out = np.zeros(self.vocab_size, np.int32)
         for i in range(self.vocab_size):
-            if i != self.eot_id:
-                out[i] = len(self.tok.decode([i]).encode("utf-8"))
+            if i != self.eot_id and i not in special:
+                out[i] = len(self.tok.id_to_token(i)) if byte_level else len(self.tok.decode([i]).encode("utf-8"))
         return out
 
     def state(self) -> dict:
@@ -175,4 +188,4 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         return HFTokenizer(HFTok.from_file(str(directory / meta["file"])), kind, meta.get("eot", EOT))
     from lmjax.data import vocab_tokenizers
 
-    return vocab_tokenizers.from_state(meta)
+    return vocab_tokenizers.from_state(meta, directory)
