@@ -54,8 +54,10 @@ def _all_data_parallel():
 def cmd_train(args, overrides) -> int:
     from lmjax import config as config_lib
     from lmjax.train.loop import Preempted, TrainingHalted, train
+    from lmjax.train.parallel import initialize_distributed
 
     cfg = config_lib.load(args.experiment, overrides)
+    initialize_distributed(cfg.parallel)  # before any other JAX call: it decides which devices we see
     workdir = args.workdir or os.path.join("runs", Path(args.experiment).stem)
     try:
         train(cfg, workdir)
@@ -91,6 +93,7 @@ def evaluate_run(run_dir: str, which: str, stride: int, batch_size: int, data_ov
     from lmjax.data.cache import build_or_load
     from lmjax.data.sources import load_corpus
     from lmjax.evaluate import evaluate, make_row_nll
+    from lmjax.train.loop import local_rows
 
     cfg, run, params, tok, step = load_run(run_dir, which)
     if data_overrides:
@@ -102,9 +105,11 @@ def evaluate_run(run_dir: str, which: str, stride: int, batch_size: int, data_ov
     context = cfg.data.seq_len
     parallel = run.parallel
     batch_size = -(-batch_size // parallel.batch_divisor) * parallel.batch_divisor
-    row_nll = jax.jit(make_row_nll(run.model), in_shardings=(run.shardings.params, parallel.batch_sharding))
+    row_nll = jax.jit(make_row_nll(run.model), in_shardings=(run.shardings.params, parallel.batch_sharding),
+                      out_shardings=parallel.replicated)
     report = evaluate(row_nll, params, split, tok.token_bytes(), context, stride or cfg.eval.stride or context,
-                      batch_size, stream=cfg.data.stream, put=parallel.put_batch)
+                      batch_size, stream=cfg.data.stream, put=lambda b: parallel.put_batch(local_rows(b, parallel)),
+                      fetch=parallel.fetch)
     report.update(step=step, run_dir=str(Path(run_dir).absolute()), stride=stride or cfg.eval.stride or context)
     return report, step
 

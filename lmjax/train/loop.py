@@ -85,7 +85,7 @@ def probe_writable(run_dir: Path) -> None:
     """Fail at start-up, not after an hour, if the run directory cannot be written."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_probe"
+        probe = run_dir / f".write_probe{jax.process_index()}"  # one per process: hosts share the directory
         with open(probe, "wb") as f:
             f.write(b"\0" * (1 << 20))  # 1 MiB: a nearly full disk fails here
         probe.unlink()
@@ -94,9 +94,22 @@ def probe_writable(run_dir: Path) -> None:
 
 
 def local_rows(batch: dict, parallel) -> dict:
-    n, i = jax.process_count(), jax.process_index()
+    """This process's rows of a global batch: the block its devices hold."""
+    i, n = parallel.process_block
     rows = next(iter(batch.values())).shape[0] // n
     return {k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
+
+
+def main_process_first(fn: Callable, is_main: bool):
+    """Run `fn` on process 0, then on the others: files it writes (tokenizer, token cache)
+    are made once and read by the rest."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    out = fn() if is_main else None
+    multihost_utils.sync_global_devices("lmjax: process 0 prepared the data")
+    return out if is_main else fn()
 
 
 def evaluate_subset(eval_fn, params, batches: list[dict], parallel) -> float:
@@ -160,7 +173,7 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
     if latest is not None:
         check_resume(cfg, ckpts, latest, say)
 
-    data: Data = prepare(cfg, run_dir, say)
+    data: Data = main_process_first(lambda: prepare(cfg, run_dir, say), is_main)
     run = build_run(cfg, run_dir, data.tokenizer.vocab_size, parallel)
     if is_main:
         (run_dir / "config.json").write_text(config_lib.to_json(cfg))
@@ -185,8 +198,7 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
     say(f"data: {data.description}; train {len(data.train.tokens):,} tokens, held-out {len(data.heldout.tokens):,} tokens")
     say(f"steps {start} → {total}, {batch} x {seq_len} = {batch * seq_len:,} tokens per step; {parallel.describe()}")
 
-    batches = TrainBatches(data.train, seq_len, batch, cfg.data.seed, jax.process_index(), jax.process_count(),
-                           cfg.data.document_mask)
+    batches = TrainBatches(data.train, seq_len, batch, cfg.data.seed, *parallel.process_block, cfg.data.document_mask)
     eval_batches = heldout_subset(data.heldout, seq_len, batch // cfg.train.grad_accum, cfg.train.eval_batches,
                                   cfg.data.document_mask)
     step_fn = parallel.compile_step(partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum,
@@ -218,21 +230,24 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
                         f"non-finite loss ({last_loss}) or gradient norm ({float(m['grad_norm'])}) at step {done}; "
                         f"stopped without saving it. Last good checkpoint: step {last_good}. Lower optim.lr, raise "
                         "optim.warmup_steps, or set train.on_nan='skip'")
-                if t_first is None:  # exclude compilation from throughput
+                first = t_first is None  # the first step compiles: keep it out of throughput
+                if first:
                     t_first = t_log = time.time()
                     steps_since_log = 0
-                    return
-                steps_since_log += 1
+                else:
+                    steps_since_log += 1
                 if done % cfg.train.log_every == 0 or done == total:
-                    elapsed = time.time() - t_log
-                    tps = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
                     record = {"loss": last_loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
                               "update_norm": float(m["update_norm"]), "param_norm": float(m["param_norm"]),
-                              "tokens_seen": done * tokens_per_step, "tokens_per_s": tps,
-                              "step_time": elapsed / max(steps_since_log, 1), "skipped": int(m["skipped"])}
+                              "tokens_seen": done * tokens_per_step, "skipped": int(m["skipped"])}
+                    shown = {"loss": last_loss, "heldout": heldout_loss}
+                    if not first:
+                        elapsed = time.time() - t_log
+                        tps = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
+                        record.update(tokens_per_s=tps, step_time=elapsed / max(steps_since_log, 1))
+                        result["tokens_per_s"] = shown["tok/s"] = tps
                     writer.write(done, record)
-                    result["tokens_per_s"] = tps
-                    progress.update(done, {"loss": last_loss, "heldout": heldout_loss, "tok/s": round(tps)})
+                    progress.update(done, shown)
                     t_log, steps_since_log = time.time(), 0
 
             for step, device_batch in prefetch:
