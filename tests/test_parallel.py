@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -209,37 +211,73 @@ def experiment_body(overrides: dict) -> str:
     return "\n".join(f"c.{key} = {value!r}" for key, value in overrides.items())
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_process(reference, tmp_path, corpus_dir, cache):
-    exp = write_experiment(tmp_path / "exp.py", corpus_dir, experiment_body(LOOP))
-    run_dir = tmp_path / "run"
+def launch_two_processes(exp: Path, run_dir: Path, cache: Path, extra: list[str]) -> list[subprocess.Popen]:
+    """`lmjax train` as processes 0 and 1 of one run, 4 CPU devices each, on 127.0.0.1.
+    Process 0 is configured by flags, process 1 by the environment: both paths are used."""
     port = free_port()
     layout = ["--config.parallel.data=2", "--config.parallel.fsdp=2", "--config.parallel.tensor=2"]
-    base = [sys.executable, "-m", "lmjax.cli", "train", str(exp), "--workdir", str(run_dir), *layout]
-    # Process 0 is configured by flags, process 1 by the environment: both paths are used.
+    base = [sys.executable, "-m", "lmjax.cli", "train", str(exp), "--workdir", str(run_dir), *layout, *extra]
     commands = [
         (base + [f"--config.parallel.coordinator=127.0.0.1:{port}", "--config.parallel.num_processes=2",
                  "--config.parallel.process_id=0"], {}),
         (base, {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}),
     ]
-    procs = [subprocess.Popen(cmd, env={**device_env(4, cache), **extra}, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for cmd, extra in commands]
-    outputs = []
+    return [subprocess.Popen(cmd, env={**device_env(4, cache), **env}, cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for cmd, env in commands]
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: int = 600) -> list[tuple[int, str, str]]:
+    results = []
     try:
         for p in procs:
-            outputs.append(p.communicate(timeout=600))
+            out, err = p.communicate(timeout=timeout)
+            results.append((p.returncode, out, err))
+        return results
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, f"exit {p.returncode}\n{out[-2000:]}\n{err[-4000:]}"
-    assert "mesh data=2 fsdp=2 tensor=2 over 8 cpu devices in 2 processes" in outputs[0][0]
-    assert "step 6" not in outputs[1][0], "only process 0 reports progress"
-    assert (run_dir / "config.json").is_file()
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["3", "6"]
-    diff = max_difference(losses_by_step(reference["dirs"]["mesh"]), losses_by_step(run_dir))
+
+
+def wait_for_step(run_dir: Path, step: int, procs: list[subprocess.Popen], timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(r.get("step", 0) >= step for r in read_jsonl(run_dir / "metrics.jsonl")):
+            return
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError(f"a process ended before step {step}: {[p.poll() for p in procs]}")
+        time.sleep(0.1)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_and_stop_together(reference, tmp_path, corpus_dir, cache):
+    """2 processes x 4 devices: SIGTERM to process 1 alone makes both save at one step and
+    exit 143; both resume from it; the losses of steps 1-6 match one process with 8 devices."""
+    exp = write_experiment(tmp_path / "exp.py", corpus_dir, experiment_body(LOOP))
+    run_dir = tmp_path / "run"
+    procs = launch_two_processes(exp, run_dir, cache, ["--config.train.steps=300", "--config.train.save_every=1000"])
+    try:
+        wait_for_step(run_dir, 3, procs)
+        procs[1].send_signal(signal.SIGTERM)
+    finally:
+        first = wait_all(procs)
+    for code, out, err in first:
+        assert code == 128 + signal.SIGTERM, f"exit {code}\n{out[-2000:]}\n{err[-4000:]}"
+    assert "mesh data=2 fsdp=2 tensor=2 over 8 cpu devices in 2 processes" in first[0][1]
+    assert "step 3" not in first[1][1], "only process 0 reports progress"
+    (stopped,) = [int(p.name) for p in (run_dir / "checkpoints").iterdir()]
+    assert all(f"saved a checkpoint at step {stopped}" in out for _, out, _ in first)
+
+    end = max(6, stopped + 2)
+    second = wait_all(launch_two_processes(exp, run_dir, cache, [f"--config.train.steps={end}"]))
+    for code, out, err in second:
+        assert code == 0, f"exit {code}\n{out[-2000:]}\n{err[-4000:]}"
+    assert f"resuming from checkpoint at step {stopped}" in second[0][1]
+    assert (run_dir / "config.json").is_file() and (run_dir / "checkpoints" / str(end)).is_dir()
+    upto6 = lambda d: {k: v for k, v in d.items() if k[0] <= 6}  # noqa: E731
+    diff = max_difference(upto6(losses_by_step(reference["dirs"]["mesh"])), upto6(losses_by_step(run_dir)))
     assert diff < TOL, diff
 
 

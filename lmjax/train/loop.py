@@ -123,13 +123,30 @@ def evaluate_subset(eval_fn, params, batches: list[dict], parallel) -> float:
 
 
 class _Signals:
-    """Turn SIGTERM / SIGINT into a flag the loop checks after each step."""
+    """Turn SIGTERM / SIGINT into a flag the loop checks after each step.
+
+    With several processes one of them alone may get the signal, yet all must save at the
+    same step: there JAX's preemption service catches SIGTERM and names that step, and
+    SIGINT keeps its default (stop this process).
+    """
 
     def __init__(self):
         self.received = None
         self._old = {}
+        self.multi_process = jax.process_count() > 1
+
+    def stop_after(self, step: int) -> int | None:
+        """The signal to stop on after `step` (agreed by every process), or None."""
+        if self.multi_process:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.received = signal.SIGTERM
+        return self.received
 
     def __enter__(self):
+        if self.multi_process:
+            return self
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -258,7 +275,8 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
                 pending = (done, metrics)
                 do_eval = done % cfg.train.eval_every == 0 or done == total
                 do_save = done % cfg.train.save_every == 0 or done == total
-                if do_eval or do_save or signals.received:
+                stop = signals.stop_after(done)
+                if do_eval or do_save or stop:
                     finish(pending)
                     pending = None
                     measured = None
@@ -266,15 +284,15 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
                         heldout_loss = measured = evaluate_subset(eval_fn, parallel.params_of(state), eval_batches, parallel)
                         writer.write(done, {"heldout_loss": heldout_loss, "heldout_ppl": math.exp(min(heldout_loss, 50))})
                         progress.log(f"step {done}: train loss {last_loss:.4f}, held-out loss {heldout_loss:.4f}")
-                    if do_save or signals.received:
+                    if do_save or stop:
                         save(done, measured, force=True)
                         last_good = done
                     t_log, steps_since_log = time.time(), 0  # keep eval and save out of tokens/s
-                    if signals.received:
+                    if stop:
                         ckpts.wait()
-                        name = signal.Signals(signals.received).name
+                        name = signal.Signals(stop).name
                         raise Preempted(f"received {name}: saved a checkpoint at step {done} in {ckpts.directory}; "
-                                        "run the same command to resume", signals.received)
+                                        "run the same command to resume", stop)
             if pending is not None:
                 finish(pending)
     finally:
