@@ -262,7 +262,8 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
                         elapsed = time.time() - t_log
                         tps = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
                         record.update(tokens_per_s=tps, step_time=elapsed / max(steps_since_log, 1))
-                        result["tokens_per_s"] = shown["tok/s"] = tps
+                        result["tokens_per_s"] = tps
+                        shown["tok/s"] = round(tps)
                     writer.write(done, record)
                     progress.update(done, shown)
                     t_log, steps_since_log = time.time(), 0
