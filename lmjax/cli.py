@@ -55,8 +55,10 @@ def _all_data_parallel():
 def cmd_train(args, overrides) -> int:
     from lmjax import config as config_lib
     from lmjax.train.loop import Preempted, TrainingHalted, train
+    from lmjax.train.parallel import initialize_distributed
 
     cfg = config_lib.load(args.experiment, overrides)
+    initialize_distributed(cfg.parallel)  # before any other JAX call: it decides which devices we see
     workdir = args.workdir or os.path.join("runs", Path(args.experiment).stem)
     try:
         train(cfg, workdir, stop_at=args.stop_at)
@@ -115,6 +117,7 @@ def evaluate_run(run_dir: str, which: str, stride: int, batch_size: int, source:
 
     from lmjax.data import tokenize_source
     from lmjax.evaluate import evaluate, make_row_nll
+    from lmjax.train.loop import local_rows
 
     cfg, run, params, tok, step = load_run(run_dir, which)
     data_cfg = eval_data_config(cfg, source, overrides)
@@ -123,9 +126,11 @@ def evaluate_run(run_dir: str, which: str, stride: int, batch_size: int, source:
     stride = stride or cfg.eval.stride or context
     parallel = run.parallel
     batch_size = -(-batch_size // parallel.batch_divisor) * parallel.batch_divisor
-    row_nll = jax.jit(make_row_nll(run.model), in_shardings=(run.shardings.params, parallel.batch_sharding))
+    row_nll = jax.jit(make_row_nll(run.model), in_shardings=(run.shardings.params, parallel.batch_sharding),
+                      out_shardings=parallel.replicated)
     report = evaluate(row_nll, params, split, tok.token_bytes(), context, stride, batch_size,
-                      stream=data_cfg.stream, put=parallel.put_batch)
+                      stream=data_cfg.stream, put=lambda b: parallel.put_batch(local_rows(b, parallel)),
+                      fetch=parallel.fetch)
     report.update(step=step, run_dir=str(Path(run_dir).absolute()), stride=stride, data=source or "held-out split")
     return report, step
 

@@ -109,10 +109,10 @@ def base_config() -> ConfigDict:
     c.parallel.data = -1  # mesh axis sizes; -1 = the rest of the devices
     c.parallel.fsdp = 1
     c.parallel.tensor = 1
-    c.parallel.distributed = False  # call jax.distributed.initialize
-    c.parallel.coordinator = ""  # host:port; '' = from the environment
-    c.parallel.num_processes = 0
-    c.parallel.process_id = -1
+    c.parallel.distributed = False  # call jax.distributed.initialize (implied by the keys below or a launcher)
+    c.parallel.coordinator = ""  # host:port of process 0; '' = JAX_COORDINATOR_ADDRESS or the launcher's
+    c.parallel.num_processes = 0  # 0 = JAX_NUM_PROCESSES or the launcher's (SLURM, Open MPI, TPU pod)
+    c.parallel.process_id = -1  # -1 = JAX_PROCESS_ID or the launcher's
 
     c.eval = ConfigDict()
     c.eval.stride = 0  # 0 = seq_len (non-overlapping windows)

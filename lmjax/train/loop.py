@@ -86,7 +86,7 @@ def probe_writable(run_dir: Path) -> None:
     """Fail at start-up, not after an hour, if the run directory cannot be written."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_probe"
+        probe = run_dir / f".write_probe{jax.process_index()}"  # one per process: hosts share the directory
         with open(probe, "wb") as f:
             f.write(b"\0" * (1 << 20))  # 1 MiB: a nearly full disk fails here
         probe.unlink()
@@ -95,9 +95,22 @@ def probe_writable(run_dir: Path) -> None:
 
 
 def local_rows(batch: dict, parallel) -> dict:
-    n, i = jax.process_count(), jax.process_index()
+    """This process's rows of a global batch: the block its devices hold."""
+    i, n = parallel.process_block
     rows = next(iter(batch.values())).shape[0] // n
     return {k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
+
+
+def main_process_first(fn: Callable, is_main: bool):
+    """Run `fn` on process 0, then on the others: files it writes (tokenizer, token cache)
+    are made once and read by the rest."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    out = fn() if is_main else None
+    multihost_utils.sync_global_devices("lmjax: process 0 prepared the data")
+    return out if is_main else fn()
 
 
 def evaluate_subset(eval_fn, params, batches: list[dict], parallel) -> float:
@@ -111,13 +124,30 @@ def evaluate_subset(eval_fn, params, batches: list[dict], parallel) -> float:
 
 
 class _Signals:
-    """Turn SIGTERM / SIGINT into a flag the loop checks after each step."""
+    """Turn SIGTERM / SIGINT into a flag the loop checks after each step.
+
+    With several processes one of them alone may get the signal, yet all must save at the
+    same step: there JAX's preemption service catches SIGTERM and names that step, and
+    SIGINT keeps its default (stop this process).
+    """
 
     def __init__(self):
         self.received = None
         self._old = {}
+        self.multi_process = jax.process_count() > 1
+
+    def stop_after(self, step: int) -> int | None:
+        """The signal to stop on after `step` (agreed by every process), or None."""
+        if self.multi_process:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.received = signal.SIGTERM
+        return self.received
 
     def __enter__(self):
+        if self.multi_process:
+            return self
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -165,7 +195,7 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at:
     if latest is not None:
         check_resume(cfg, ckpts, latest, say)
 
-    data: Data = prepare(cfg, run_dir, say)
+    data: Data = main_process_first(lambda: prepare(cfg, run_dir, say), is_main)
     run = build_run(cfg, run_dir, data.tokenizer.vocab_size, parallel)
     if is_main:
         (run_dir / "config.json").write_text(config_lib.to_json(cfg))
@@ -192,8 +222,7 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at:
     utilisation = Utilisation.for_run(cfg, run.model, parallel)
     say(utilisation.describe())
 
-    batches = TrainBatches(data.train, seq_len, batch, cfg.data.seed, jax.process_index(), jax.process_count(),
-                           cfg.data.document_mask)
+    batches = TrainBatches(data.train, seq_len, batch, cfg.data.seed, *parallel.process_block, cfg.data.document_mask)
     eval_batches = heldout_subset(data.heldout, seq_len, batch // cfg.train.grad_accum, cfg.train.eval_batches,
                                   cfg.data.document_mask)
     step_fn = parallel.compile_step(partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum,
@@ -228,7 +257,8 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at:
                         f"non-finite loss ({last_loss}) or gradient norm ({float(m['grad_norm'])}) at step {done}; "
                         f"stopped without saving it. Last good checkpoint: step {last_good}. Lower optim.lr, raise "
                         "optim.warmup_steps, or set train.on_nan='skip'")
-                if t_first is None:  # the first step includes compilation: time from its end
+                first = t_first is None  # the first step compiles: keep it out of throughput
+                if first:
                     t_first = t_log = time.time()
                     steps_since_log = 0
                 else:
@@ -237,15 +267,16 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at:
                     record = {"loss": last_loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
                               "update_norm": float(m["update_norm"]), "param_norm": float(m["param_norm"]),
                               "tokens_seen": done * tokens_per_step, "skipped": int(m["skipped"])}
-                    info = {"loss": last_loss, "heldout": heldout_loss}
-                    if steps_since_log:
+                    shown = {"loss": last_loss, "heldout": heldout_loss}
+                    if not first:
                         elapsed = time.time() - t_log
                         tps = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
-                        record.update(tokens_per_s=tps, step_time=elapsed / steps_since_log, **utilisation.fields(tps))
-                        info.update({"tok/s": round(tps), "mfu": utilisation.mfu(tps)})
+                        record.update(tokens_per_s=tps, step_time=elapsed / max(steps_since_log, 1),
+                                      **utilisation.fields(tps))
                         result["tokens_per_s"] = tps
+                        shown.update({"tok/s": round(tps), "mfu": utilisation.mfu(tps)})
                     writer.write(done, record)
-                    progress.update(done, info)
+                    progress.update(done, shown)
                     t_log, steps_since_log = time.time(), 0
 
             for step, device_batch in prefetch:
@@ -257,7 +288,8 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at:
                 pending = (done, metrics)
                 do_eval = done % cfg.train.eval_every == 0 or done == total
                 do_save = done % cfg.train.save_every == 0 or done == end
-                if do_eval or do_save or signals.received:
+                stop = signals.stop_after(done)
+                if do_eval or do_save or stop:
                     finish(pending)
                     pending = None
                     measured = None
@@ -265,15 +297,15 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at:
                         heldout_loss = measured = evaluate_subset(eval_fn, parallel.params_of(state), eval_batches, parallel)
                         writer.write(done, {"heldout_loss": heldout_loss, "heldout_ppl": math.exp(min(heldout_loss, 50))})
                         progress.log(f"step {done}: train loss {last_loss:.4f}, held-out loss {heldout_loss:.4f}")
-                    if do_save or signals.received:
+                    if do_save or stop:
                         save(done, measured, force=True)
                         last_good = done
                     t_log, steps_since_log = time.time(), 0  # keep eval and save out of tokens/s
-                    if signals.received:
+                    if stop:
                         ckpts.wait()
-                        name = signal.Signals(signals.received).name
+                        name = signal.Signals(stop).name
                         raise Preempted(f"received {name}: saved a checkpoint at step {done} in {ckpts.directory}; "
-                                        "run the same command to resume", signals.received)
+                                        "run the same command to resume", stop)
                 if trace.after(step, metrics):  # the trace's one device sync: keep it out of tokens/s
                     if pending is not None:
                         finish(pending)

@@ -3,13 +3,19 @@
 `MeshParallel` runs the step under `jax.jit` with named shardings over a mesh with axes
 (data, fsdp, tensor); a single device is the 1x1x1 mesh. `PmapParallel` replicates the state
 and averages gradients with `psum` over the device axis. Both take the same pure step, the
-same per-process rows of the global batch, and give checkpoints with the same layout.
+same per-process rows of the global batch, and give checkpoints with the same layout (one
+global, unreplicated state), so a run can resume on another strategy or device count.
+
+Several hosts: `initialize_distributed` starts `jax.distributed` from the config or the
+environment before any other JAX call; every process then runs the same program on its own
+devices and feeds only the rows of the global batch its devices hold (`process_block`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+import os
+from typing import Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -38,26 +44,126 @@ LOGICAL_RULES = {
 }
 
 
+# ---------------------------------------------------------------------------------------
+# Several processes (hosts)
+
+
+def _cluster_detected(environ: Mapping[str, str]) -> str:
+    """Name of the multi-process launcher JAX can read its settings from, or ''."""
+    def count(key):
+        try:
+            return int(environ.get(key, "1"))
+        except ValueError:
+            return 1
+
+    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+    if all(k in environ for k in slurm) and count("SLURM_NTASKS") > 1:
+        return "SLURM"
+    if "OMPI_MCA_orte_hnp_uri" in environ and count("OMPI_COMM_WORLD_SIZE") > 1:
+        return "Open MPI"
+    if "," in environ.get("TPU_WORKER_HOSTNAMES", "") or "," in environ.get("TPU_PROCESS_ADDRESSES", ""):
+        return "a Cloud TPU pod"
+    return ""
+
+
+def distributed_args(parallel_cfg, environ: Mapping[str, str] | None = None) -> dict | None:
+    """Keyword arguments for `jax.distributed.initialize`, or None for one process.
+
+    Settings come from parallel.coordinator / num_processes / process_id, else from the
+    environment variables JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+    Multi-process runs under SLURM (srun), Open MPI (mpirun) or on a Cloud TPU pod need none
+    of them: JAX reads the launcher's environment (the arguments left out are detected), as
+    it also tries when parallel.distributed=True is set without them.
+    """
+    environ = os.environ if environ is None else environ
+
+    def env_int(key: str, default: int) -> int:
+        text = environ.get(key, "")
+        try:
+            return int(text) if text else default
+        except ValueError:
+            raise UserError(f"environment variable {key}='{text}' must be an integer") from None
+
+    coordinator = parallel_cfg.coordinator or environ.get("JAX_COORDINATOR_ADDRESS", "")
+    num_processes = parallel_cfg.num_processes or env_int("JAX_NUM_PROCESSES", 0)
+    process_id = parallel_cfg.process_id if parallel_cfg.process_id >= 0 else env_int("JAX_PROCESS_ID", -1)
+    cluster = _cluster_detected(environ)
+    wanted = parallel_cfg.distributed or coordinator or num_processes > 1 or process_id >= 0 or cluster
+    if not wanted or (num_processes == 1 and not cluster):
+        return None
+    args = {}
+    if coordinator:
+        if ":" not in coordinator:
+            raise UserError(f"parallel.coordinator='{coordinator}' needs the form host:port, e.g. 10.0.0.1:1234")
+        args["coordinator_address"] = coordinator
+    if num_processes:
+        args["num_processes"] = num_processes
+    if process_id >= 0:
+        args["process_id"] = process_id
+    if not cluster and not parallel_cfg.distributed and len(args) < 3:
+        raise UserError(
+            "a multi-process run needs parallel.coordinator (host:port of process 0), parallel.num_processes "
+            "and parallel.process_id, or the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+            "JAX_PROCESS_ID; under SLURM, Open MPI or on a TPU pod they are detected")
+    if num_processes and not 0 <= process_id < num_processes and "process_id" in args:
+        raise UserError(f"parallel.process_id={process_id} must be in 0..{num_processes - 1} (parallel.num_processes={num_processes})")
+    return args
+
+
+def initialize_distributed(parallel_cfg, environ: Mapping[str, str] | None = None, log: Callable = print) -> bool:
+    """Start `jax.distributed` when the config or the environment asks for several processes.
+
+    Must run before any other JAX call (it fixes which devices this process sees). Returns
+    whether this is a multi-process run. A coordinator that never answers ends the process
+    after JAX's 5-minute timeout.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    args = distributed_args(parallel_cfg, environ)
+    if args is None:
+        return False
+    known = ", ".join(f"{k}={v}" for k, v in args.items()) or "settings detected from the launcher"
+    log(f"joining a multi-process run ({known})")
+    try:
+        jax.distributed.initialize(**args)
+    except ValueError as e:  # settings JAX could not complete from the environment
+        raise UserError(f"cannot start the multi-process run ({e}); set parallel.coordinator, "
+                        "parallel.num_processes and parallel.process_id (or JAX_COORDINATOR_ADDRESS, "
+                        "JAX_NUM_PROCESSES, JAX_PROCESS_ID)") from None
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# Layouts
+
+
 def mesh_shape(parallel_cfg, n_devices: int) -> tuple[int, int, int]:
     """Sizes of (data, fsdp, tensor); one -1 takes the rest of the devices."""
     sizes = [parallel_cfg.data, parallel_cfg.fsdp, parallel_cfg.tensor]
+    names = [f"parallel.{a}" for a in MESH_AXES]
     if sizes.count(-1) > 1:
         raise UserError("only one of parallel.data, parallel.fsdp, parallel.tensor may be -1")
-    known = math.prod(s for s in sizes if s != -1)
     if any(s == 0 or s < -1 for s in sizes):
         raise UserError(f"mesh sizes must be positive or -1, got data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]}")
+    known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
+        fixed = " x ".join(f"{n}={s}" for n, s in zip(names, sizes) if s != -1)
         if n_devices % known:
-            raise UserError(f"the mesh fsdp x tensor = {known} does not divide the {n_devices} devices; set parallel.* so the product divides it")
+            raise UserError(f"{fixed} = {known} does not divide the {n_devices} devices; choose sizes whose product divides {n_devices}")
         sizes[sizes.index(-1)] = n_devices // known
     if math.prod(sizes) != n_devices:
-        raise UserError(f"the mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices, but there are {n_devices}; make the product equal the device count or set one size to -1")
+        raise UserError(f"the mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices, "
+                        f"but there are {n_devices}; make the product of parallel.data, parallel.fsdp, parallel.tensor "
+                        f"equal {n_devices} or set one of them to -1")
     return tuple(sizes)
 
 
 def logical_to_sharding(logical: P, shape: tuple, mesh: Mesh) -> NamedSharding:
     """Map a PartitionSpec of logical names to mesh axes, leaving a dimension unsharded
-    where the mesh axes do not divide it (e.g. a vocabulary of 257 over tensor=2)."""
+    where the mesh axes do not divide it (e.g. a vocabulary of 257 over tensor=2).
+    Vectors (biases, norm scales) stay replicated."""
+    if len(shape) < 2:  # biases and norm scales: too small to be worth a collective
+        return NamedSharding(mesh, P())
     spec = []
     used = set()
     for dim, name in zip(shape, tuple(logical) + (None,) * (len(shape) - len(logical))):
@@ -70,21 +176,43 @@ def logical_to_sharding(logical: P, shape: tuple, mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(*spec))
 
 
+def _by_process(devices) -> list:
+    """Devices ordered by (process, id): each process then holds one contiguous block of the
+    batch rows, since the batch axes (data, fsdp) lead the mesh."""
+    return sorted(devices, key=lambda d: (d.process_index, d.id))
+
+
+def _row_block(sharding: NamedSharding, global_rows: int) -> tuple[int, int]:
+    """(index, count): this process's devices hold block `index` of `count` equal, contiguous
+    blocks of the rows (processes that are replicas of each other share a block)."""
+    spans = sorted({(s[0].start or 0, global_rows if s[0].stop is None else s[0].stop)
+                    for s in sharding.addressable_devices_indices_map((global_rows,)).values()})
+    lo, hi = spans[0][0], spans[-1][1]
+    size = hi - lo
+    if sum(b - a for a, b in spans) != size or global_rows % size or lo % size:
+        raise UserError(f"parallel.tensor={sharding.mesh.shape['tensor']} splits the {jax.local_device_count()} devices "
+                        "of a process unevenly; make parallel.tensor divide the devices per process, or be a multiple of it")
+    return lo // size, global_rows // size
+
+
 class MeshParallel:
     """`jax.jit` over a (data, fsdp, tensor) mesh; the global batch is split over data x fsdp."""
 
     kind = "mesh"
 
     def __init__(self, parallel_cfg, devices=None):
-        devices = devices if devices is not None else jax.devices()
+        devices = _by_process(devices if devices is not None else jax.devices())
         self.shape = mesh_shape(parallel_cfg, len(devices))
         self.mesh = Mesh(np.asarray(devices).reshape(self.shape), MESH_AXES)
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
         self.batch_divisor = self.shape[0] * self.shape[1]
+        self.process_block = _row_block(self.batch_sharding, self.batch_divisor)
 
     def describe(self) -> str:
-        return f"mesh data={self.shape[0]} fsdp={self.shape[1]} tensor={self.shape[2]} over {self.mesh.size} {self.mesh.devices.flat[0].platform} devices"
+        hosts = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+        return (f"mesh data={self.shape[0]} fsdp={self.shape[1]} tensor={self.shape[2]} over "
+                f"{self.mesh.size} {self.mesh.devices.flat[0].platform} devices{hosts}")
 
     def state_shardings(self, model: nn.Module, tx: optax.GradientTransformation, init_state: Callable, rng):
         """Shardings of every leaf of the TrainState, from the model's logical axis names."""
@@ -114,7 +242,9 @@ class MeshParallel:
 
     def put_batch(self, local_batch: dict) -> dict:
         """This process's rows of the global batch → global arrays sharded over data x fsdp."""
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local_batch.items()}
+        count = self.process_block[1]
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, (v.shape[0] * count, *v.shape[1:]))
+                for k, v in local_batch.items()}
 
     def restore_target(self, abstract: TrainState, shardings: TrainState):
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
@@ -129,41 +259,48 @@ class MeshParallel:
         return state.params
 
     def fetch(self, tree):
-        return jax.device_get(tree)
+        """Replicated device values → numpy (works across processes: each reads its own copy)."""
+        return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
 class PmapParallel:
-    """`jax.pmap` data parallelism over the local devices, state replicated."""
+    """`jax.pmap` data parallelism, state replicated on every device (JAX keeps pmap in
+    maintenance mode; it is here to compare against and for old habits)."""
 
     kind = "pmap"
     axis_name = "devices"
 
-    def __init__(self, devices=None):
-        self.devices = devices if devices is not None else jax.local_devices()
-        self.batch_divisor = len(self.devices) * jax.process_count()
-        self.single = NamedSharding(Mesh(np.asarray(self.devices[:1]), ("d",)), P())
-        # pmap's inputs: a leading axis of size len(devices), one slice per device.
-        self.stacked = NamedSharding(Mesh(np.asarray(self.devices), (self.axis_name,)), P(self.axis_name))
+    def __init__(self):
+        self.local_devices = jax.local_devices()
+        n_processes = jax.process_count()
+        self.batch_divisor = len(self.local_devices) * n_processes
+        self.process_block = (jax.process_index(), n_processes)
+        # pmap's own device order: grouped by process, local devices in local order.
+        everywhere = [d for p in range(n_processes) for d in jax.local_devices(process_index=p)]
+        self.replicated = NamedSharding(Mesh(np.asarray(everywhere), (self.axis_name,)), P())
+        self.stacked = NamedSharding(Mesh(np.asarray(self.local_devices), (self.axis_name,)), P(self.axis_name))
 
     def describe(self) -> str:
-        return f"pmap over {len(self.devices)} local {self.devices[0].platform} devices x {jax.process_count()} processes"
+        hosts = f" x {jax.process_count()} processes" if jax.process_count() > 1 else ""
+        return f"pmap over {len(self.local_devices)} {self.local_devices[0].platform} devices{hosts}"
 
     def state_shardings(self, model, tx, init_state, rng):
+        """One copy replicated on every device: what checkpoints hold and restore into."""
         abstract = jax.eval_shape(init_state, rng)
-        return jax.tree.map(lambda _: self.single, abstract)
+        return jax.tree.map(lambda _: self.replicated, abstract)
 
     def init_state(self, init_state: Callable, shardings, rng) -> TrainState:
-        return self.from_restored(jax.jit(init_state)(rng))
+        return self.from_restored(jax.jit(init_state, out_shardings=shardings)(rng))
 
     def compile_step(self, make_step: Callable, shardings) -> Callable:
-        return jax.pmap(make_step(axis_name=self.axis_name), axis_name=self.axis_name,
-                        donate_argnums=0, devices=self.devices)
+        return jax.pmap(make_step(axis_name=self.axis_name), axis_name=self.axis_name, donate_argnums=0)
 
     def compile_eval(self, make_eval: Callable, shardings) -> Callable:
-        return jax.pmap(make_eval(axis_name=self.axis_name), axis_name=self.axis_name, devices=self.devices)
+        return jax.pmap(make_eval(axis_name=self.axis_name), axis_name=self.axis_name)
 
     def put_batch(self, local_batch: dict) -> dict:
-        n = len(self.devices)
+        """This process's rows → [local devices, rows per device, ...] arrays, one slice each."""
+        n = len(self.local_devices)
         return {k: jax.device_put(v.reshape(n, v.shape[0] // n, *v.shape[1:]), self.stacked)
                 for k, v in local_batch.items()}
 
@@ -171,28 +308,42 @@ class PmapParallel:
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
     def to_global(self, state):
-        """The replicated state → one copy (what checkpoints hold)."""
-        return jax.tree.map(lambda x: x[0], state)
+        """Stacked per-device copies → one copy replicated on every device of every process
+        (through the host: no per-shape compilations, and saving copies to host anyway)."""
+        def one(x):
+            host = np.asarray(x.addressable_data(0))[0]
+            return jax.make_array_from_callback(host.shape, self.replicated, lambda index: host[index])
+
+        return jax.tree.map(one, state)
 
     def from_restored(self, state):
-        n = len(self.devices)
-        return jax.tree.map(lambda x: jax.device_put(jnp.broadcast_to(x, (n, *x.shape)), self.stacked), state)
+        """A replicated state → a [local devices, ...] stack (once per run, through the host)."""
+        n = len(self.local_devices)
+
+        def stack(x):
+            host = np.asarray(x.addressable_data(0))
+            return jax.make_array_from_callback((n, *host.shape), self.stacked, lambda index: host[None])
+
+        return jax.tree.map(stack, state)
 
     def params_of(self, state: TrainState):
         return state.params
 
     def fetch(self, tree):
-        return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+        return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
 
 
 def build_parallel(parallel_cfg):
     """The strategy named by `parallel.strategy` ('auto': a mesh over all devices)."""
     strategy = parallel_cfg.strategy
     if strategy == "single":
+        if jax.process_count() > 1:
+            raise UserError("parallel.strategy='single' runs on one device of one process; use 'mesh' for a multi-process run")
         return MeshParallel(_single_cfg(), jax.devices()[:1])
     if strategy == "pmap":
-        if parallel_cfg.fsdp != 1 or parallel_cfg.tensor != 1:
-            raise UserError("parallel.strategy='pmap' is data parallel only; set parallel.fsdp=1 and parallel.tensor=1, or use parallel.strategy='mesh'")
+        if parallel_cfg.fsdp != 1 or parallel_cfg.tensor != 1 or parallel_cfg.data not in (-1, jax.device_count()):
+            raise UserError("parallel.strategy='pmap' is data parallel over all devices; set parallel.fsdp=1, "
+                            "parallel.tensor=1 and parallel.data=-1, or use parallel.strategy='mesh'")
         return PmapParallel()
     return MeshParallel(parallel_cfg)
 
@@ -208,4 +359,5 @@ def check_batch(global_batch: int, grad_accum: int, parallel) -> None:
     if per_micro % parallel.batch_divisor:
         raise UserError(
             f"train.batch_size={global_batch} / train.grad_accum={grad_accum} = {per_micro} sequences per micro-batch "
-            f"does not divide over {parallel.batch_divisor} data-parallel devices; use a multiple of {parallel.batch_divisor}")
+            f"does not divide over {parallel.batch_divisor} data-parallel devices (parallel.data x parallel.fsdp); "
+            f"use a multiple of {parallel.batch_divisor}")
