@@ -160,13 +160,8 @@ def peak_flops(device, dtype: str, override: float = 0.0, cache_dir: Path | None
 
 
 def devices_used(parallel) -> int:
-    """Devices the train step runs on, over all processes (a mesh's size, or pmap's devices)."""
-    import jax
-
-    mesh = getattr(parallel, "mesh", None)
-    if mesh is not None:
-        return int(mesh.size)
-    return len(parallel.devices) * jax.process_count()
+    """Devices the train step runs on, over all processes."""
+    return parallel.n_devices
 
 
 def mfu(flops_per_token: float | None, tokens_per_s: float, peak_per_device: float, n_devices: int) -> float | None:

@@ -242,8 +242,9 @@ def test_wandb_gets_the_same_scalars(tiny_run):
 def test_mfu_and_wall_time_in_metrics(tiny_run):
     records = read_jsonl(tiny_run.dir / "metrics.jsonl")
     train_records = [r for r in records if "loss" in r]
-    assert len(train_records) == 5  # steps 2-6: step 1 includes compilation and sets the clock
-    for r in train_records:
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4, 5, 6]
+    assert "mfu" not in train_records[0]  # step 1 includes compilation: no throughput for it
+    for r in train_records[1:]:
         assert 0 < r["mfu"] <= 1
         expected = flops.flops_per_token(
             TransformerConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=128, max_len=32),

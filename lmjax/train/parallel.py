@@ -207,6 +207,7 @@ class MeshParallel:
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
         self.batch_divisor = self.shape[0] * self.shape[1]
+        self.n_devices = self.mesh.size
         self.process_block = _row_block(self.batch_sharding, self.batch_divisor)
 
     def describe(self) -> str:
@@ -274,6 +275,7 @@ class PmapParallel:
         self.local_devices = jax.local_devices()
         n_processes = jax.process_count()
         self.batch_divisor = len(self.local_devices) * n_processes
+        self.n_devices = self.batch_divisor  # devices the step runs on, over all processes
         self.process_block = (jax.process_index(), n_processes)
         # pmap's own device order: grouped by process, local devices in local order.
         everywhere = [d for p in range(n_processes) for d in jax.local_devices(process_index=p)]
