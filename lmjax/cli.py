@@ -27,7 +27,7 @@ def load_run(run_dir: str | Path, which: str = "latest"):
     from lmjax import config as config_lib
     from lmjax.checkpoint import Checkpoints
     from lmjax.data.tokenizers import load_tokenizer
-    from lmjax.train.loop import build_run
+    from lmjax.train.loop import build_run, check_tokenizer
     from lmjax.train.parallel import MeshParallel
 
     run_dir = Path(run_dir).absolute()
@@ -38,6 +38,7 @@ def load_run(run_dir: str | Path, which: str = "latest"):
     ckpts = Checkpoints(run_dir / "checkpoints", read_only=True)
     step = ckpts.resolve(which)
     cfg = config_lib.from_json(json.dumps(ckpts.restore_config(step)))
+    check_tokenizer(ckpts, step, tokenizer, run_dir / "tokenizer")
     parallel = MeshParallel(_all_data_parallel())  # whatever layout it was saved from
     run = build_run(cfg, run_dir, tokenizer.vocab_size, parallel)
     state = run.restore(ckpts, step)
@@ -60,8 +61,11 @@ def cmd_train(args, overrides) -> int:
     try:
         train(cfg, workdir)
     except Preempted as e:
-        print(str(e), flush=True)
+        print(f"lmjax: {e}", flush=True)
         return 128 + e.signum
+    except KeyboardInterrupt:  # Ctrl-C before the train loop started: nothing new to save
+        print("lmjax: interrupted before training started; nothing was saved", file=sys.stderr)
+        return 128 + 2
     except TrainingHalted as e:
         print(f"lmjax: training halted: {e}", file=sys.stderr)
         return 1

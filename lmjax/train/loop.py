@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -83,14 +85,25 @@ def count_params(params) -> int:
 
 def probe_writable(run_dir: Path) -> None:
     """Fail at start-up, not after an hour, if the run directory cannot be written."""
+    probe = run_dir / ".write_probe"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_probe"
         with open(probe, "wb") as f:
             f.write(b"\0" * (1 << 20))  # 1 MiB: a nearly full disk fails here
+            f.flush()
+            os.fsync(f.fileno())
         probe.unlink()
     except OSError as e:
-        raise UserError(f"the run directory {run_dir} is not writable ({e.strerror}); choose another --workdir or free disk space") from None
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            probe.unlink(missing_ok=True)
+            raise UserError(f"the run directory {run_dir} has no room to write ({e.strerror}); free disk space or "
+                            "choose another --workdir") from None
+        if e.errno in (errno.EEXIST, errno.ENOTDIR):
+            blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), run_dir)
+            raise UserError(f"the run directory {run_dir} is not a directory (a file is in the way: {blocker}); "
+                            "choose another --workdir") from None
+        raise UserError(f"the run directory {run_dir} is not writable ({e.strerror}); choose another --workdir "
+                        "or fix its permissions") from None
 
 
 def local_rows(batch: dict, parallel) -> dict:
@@ -109,15 +122,30 @@ def evaluate_subset(eval_fn, params, batches: list[dict], parallel) -> float:
     return nll / count
 
 
-class _Signals:
-    """Turn SIGTERM / SIGINT into a flag the loop checks after each step."""
+def _preemption_service() -> bool:
+    """Whether JAX's preemption service runs (jax.distributed with several processes)."""
+    from jax._src import distributed
 
-    def __init__(self):
+    return jax.process_count() > 1 and getattr(distributed.global_state, "preemption_sync_manager", None) is not None
+
+
+class _Signals:
+    """SIGTERM / SIGINT → stop after the current step, save, exit.
+
+    One process: a handler sets a flag the loop checks after each step. Several processes must
+    all stop at the same step, or the others hang in a collective: JAX's preemption service
+    (started by jax.distributed.initialize) owns SIGTERM and agrees on a step across processes,
+    which Orbax's `reached_preemption` reports; SIGINT is forwarded to it as SIGTERM.
+    """
+
+    def __init__(self, ckpts: Checkpoints):
+        self.ckpts = ckpts
         self.received = None
+        self.synced = _preemption_service()
         self._old = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGINT,) if self.synced else (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
@@ -126,10 +154,34 @@ class _Signals:
 
     def _handle(self, signum, frame):
         self.received = signum
+        if self.synced and signum != signal.SIGTERM:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def stop_at(self, step: int) -> bool:
+        """Call after every step (on every process): True where all should save and stop."""
+        if self.synced:
+            if self.ckpts.manager.reached_preemption(step):
+                self.received = self.received or signal.SIGTERM
+                return True
+            return False
+        return self.received is not None
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def tokenizer_record(tokenizer) -> dict:
+    """What a checkpoint records of its tokenizer, to refuse another one on restore."""
+    return {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "fingerprint": tokenizer.fingerprint()}
+
+
+def check_tokenizer(ckpts: Checkpoints, step: int, tokenizer, tokenizer_dir: Path) -> None:
+    saved = ckpts.restore_tokenizer(step)
+    if saved is not None and saved.get("fingerprint") != tokenizer.fingerprint():
+        raise UserError(f"the tokenizer in {tokenizer_dir} ({tokenizer.kind}, {tokenizer.vocab_size} ids) is not the one "
+                        f"checkpoint step {step} was trained with ({saved.get('kind')}, {saved.get('vocab_size')} ids); "
+                        f"put the run's own tokenizer back in {tokenizer_dir}, or train in a new --workdir")
 
 
 def check_resume(cfg, ckpts: Checkpoints, step: int, log) -> None:
@@ -161,6 +213,8 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
         check_resume(cfg, ckpts, latest, say)
 
     data: Data = prepare(cfg, run_dir, say)
+    if latest is not None:
+        check_tokenizer(ckpts, latest, data.tokenizer, run_dir / "tokenizer")
     run = build_run(cfg, run_dir, data.tokenizer.vocab_size, parallel)
     if is_main:
         (run_dir / "config.json").write_text(config_lib.to_json(cfg))
@@ -196,8 +250,10 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
     progress = Progress(total, start, cfg.train.log_every, is_main)
     result = {"run_dir": str(run_dir), "start_step": start, "params": n_params}
 
+    tokenizer_info = tokenizer_record(data.tokenizer)
+
     def save(step: int, heldout: float | None, force: bool = False):
-        ckpts.save(step, parallel.to_global(state), cfg.to_dict(), heldout, force=force)
+        ckpts.save(step, parallel.to_global(state), cfg.to_dict(), heldout, force=force, tokenizer=tokenizer_info)
 
     last_good = latest
     last_loss = heldout_loss = float("nan")
@@ -205,7 +261,7 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
     t_log, steps_since_log, t_first = time.time(), 0, None
     prefetch = Prefetcher(lambda s: batches(s), parallel.put_batch, start, total)
     try:
-        with _Signals() as signals:
+        with _Signals(ckpts) as signals:
             pending = None
 
             def finish(item):  # read a step's metrics (after the next step was dispatched)
@@ -214,25 +270,29 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
                 m = parallel.fetch(m)
                 last_loss = float(m["loss"])
                 if not bool(m["finite"]) and cfg.train.on_nan == "halt":
+                    kept = f"step {last_good}" if last_good is not None else "none written yet"
                     raise TrainingHalted(
-                        f"non-finite loss ({last_loss}) or gradient norm ({float(m['grad_norm'])}) at step {done}; "
-                        f"stopped without saving it. Last good checkpoint: step {last_good}. Lower optim.lr, raise "
-                        "optim.warmup_steps, or set train.on_nan='skip'")
-                if t_first is None:  # exclude compilation from throughput
+                        f"non-finite loss ({last_loss}), gradient norm ({float(m['grad_norm'])}) or parameter norm "
+                        f"({float(m['param_norm'])}) at step {done}; stopped without saving it. Last good checkpoint: "
+                        f"{kept}. Lower optim.lr, raise optim.warmup_steps, or set train.on_nan='skip'")
+                first = t_first is None
+                if first:  # compilation: log the step, keep it out of throughput
                     t_first = t_log = time.time()
                     steps_since_log = 0
-                    return
-                steps_since_log += 1
+                else:
+                    steps_since_log += 1
                 if done % cfg.train.log_every == 0 or done == total:
-                    elapsed = time.time() - t_log
-                    tps = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
                     record = {"loss": last_loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
                               "update_norm": float(m["update_norm"]), "param_norm": float(m["param_norm"]),
-                              "tokens_seen": done * tokens_per_step, "tokens_per_s": tps,
-                              "step_time": elapsed / max(steps_since_log, 1), "skipped": int(m["skipped"])}
+                              "tokens_seen": done * tokens_per_step, "skipped": int(m["skipped"])}
+                    info = {"loss": last_loss, "heldout": heldout_loss}
+                    if not first:
+                        elapsed = time.time() - t_log
+                        tps = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
+                        record.update(tokens_per_s=tps, step_time=elapsed / max(steps_since_log, 1))
+                        result["tokens_per_s"] = info["tok/s"] = tps
                     writer.write(done, record)
-                    result["tokens_per_s"] = tps
-                    progress.update(done, {"loss": last_loss, "heldout": heldout_loss, "tok/s": round(tps)})
+                    progress.update(done, info)
                     t_log, steps_since_log = time.time(), 0
 
             for step, device_batch in prefetch:
@@ -243,7 +303,8 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
                 pending = (done, metrics)
                 do_eval = done % cfg.train.eval_every == 0 or done == total
                 do_save = done % cfg.train.save_every == 0 or done == total
-                if do_eval or do_save or signals.received:
+                stop = signals.stop_at(done) and done < total
+                if do_eval or do_save or stop:
                     finish(pending)
                     pending = None
                     measured = None
@@ -251,23 +312,29 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
                         heldout_loss = measured = evaluate_subset(eval_fn, parallel.params_of(state), eval_batches, parallel)
                         writer.write(done, {"heldout_loss": heldout_loss, "heldout_ppl": math.exp(min(heldout_loss, 50))})
                         progress.log(f"step {done}: train loss {last_loss:.4f}, held-out loss {heldout_loss:.4f}")
-                    if do_save or signals.received:
+                    if do_save or stop:
                         save(done, measured, force=True)
                         last_good = done
                     t_log, steps_since_log = time.time(), 0  # keep eval and save out of tokens/s
-                    if signals.received:
+                    if stop:
                         ckpts.wait()
                         name = signal.Signals(signals.received).name
-                        raise Preempted(f"received {name}: saved a checkpoint at step {done} in {ckpts.directory}; "
-                                        "run the same command to resume", signals.received)
+                        raise Preempted(f"received {name}: finished step {done}, saved it in {ckpts.directory / str(done)}; "
+                                        "run the same command to resume from it", signals.received)
             if pending is not None:
                 finish(pending)
+    except OSError as e:  # the run directory filled up or went away mid-run (metrics, eval outputs)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EIO):
+            raise
+        raise ckpts.write_failed(f"could not write {e.filename or run_dir}: {e.strerror}") from None
     finally:
         prefetch.close()
         progress.close()
-        ckpts.wait()
-        ckpts.close()
-        writer.close()
+        try:
+            ckpts.wait()
+        finally:
+            ckpts.close()
+            writer.close()
     result.update(step=total, train_loss=last_loss, heldout_loss=heldout_loss, wall_s=time.time() - t_start)
     say(f"done: step {total}, train loss {last_loss:.4f}, held-out loss (subset) {heldout_loss:.4f}, "
         f"{result['wall_s']:.0f}s; checkpoints in {ckpts.directory}")
