@@ -113,6 +113,10 @@ class Checkpoints:
     def write_failed(self, what: str) -> UserError:
         """The one-line error for a run that cannot write any more (full disk, lost permissions)."""
         self.failed = True
+        try:  # Orbax lists a step from the moment its save starts: ask the disk what completed
+            self.manager.reload()
+        except Exception:  # noqa: BLE001
+            pass
         latest = self.latest_step()
         kept = f"the last complete checkpoint is step {latest}" if latest is not None else "no checkpoint is complete yet"
         return UserError(f"{what}; {kept}. Free disk space (or fix the directory) and run the same command to resume")

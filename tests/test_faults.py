@@ -221,6 +221,31 @@ def test_kill9_at_random_moments_resumes_exactly(seed, experiment, env, referenc
     assert hit_mid_save >= 1  # the mid_save kill left a half-written checkpoint behind
 
 
+def test_old_checkpoints_leave_by_rename_never_half_deleted(tmp_path, monkeypatch):
+    """Orbax removes an old checkpoint with rmtree in place: a kill midway would leave a half
+    checkpoint that still looks complete. Ours are renamed into .deleted/ first (atomic)."""
+    import jax.numpy as jnp
+
+    from lmjax.checkpoint import TRASH, Checkpoints
+
+    monkeypatch.setattr(Checkpoints, "purge_deleted", lambda self: None)  # keep what was renamed
+    ckpts = Checkpoints(tmp_path / "checkpoints", keep=1)
+    for step in range(1, 5):
+        ckpts.save(step, {"w": jnp.full((4,), float(step))}, {"step": step})
+        ckpts.wait()
+    ckpts.close()
+    trash = tmp_path / "checkpoints" / TRASH
+    assert finalized_steps(tmp_path / "checkpoints") == [4]
+    assert sorted(int(p.name) for p in trash.iterdir()) == [1, 2, 3]
+    assert all((p / "commit_success.txt").is_file() for p in trash.iterdir())  # moved whole
+    # A kill while purging leaves a half-removed directory in .deleted/: invisible, gone at the next start.
+    shutil.rmtree(trash / "2" / "state")
+    monkeypatch.undo()
+    reopened = Checkpoints(tmp_path / "checkpoints", keep=1)
+    assert reopened.all_steps() == [4] and list(trash.iterdir()) == []
+    reopened.close()
+
+
 # ---------------------------------------------------------------- 2. SIGTERM / SIGINT
 
 @pytest.mark.slow
@@ -631,7 +656,7 @@ def test_corrupted_checkpoint_config_is_named(reference, tmp_path, capsys):
     config_file = run / "checkpoints" / str(STEPS) / "config" / "metadata"
     config_file.write_text('{"model": {"d_mod')
     code, _, err = _cli(["sample", run], capsys)
-    _user_error(code, err, f"in {config_file}", f"the previous checkpoint is step {STEPS - 1}",
+    _user_error(code, err, f"cannot read {config_file} (JSONDecodeError)", f"the previous checkpoint is step {STEPS - 1}",
                 case="a checkpoint whose config file is cut short")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +30,9 @@ def tokenizer_for_run(cfg, run_dir: Path, corpus) -> Tokenizer:
             raise UserError(f"the run directory {run_dir} holds a '{tok.kind}' tokenizer but the config asks for tokenizer.kind='{cfg.tokenizer.kind}'; use a new --workdir or set tokenizer.kind='{tok.kind}'")
         return tok
     tok = build_tokenizer(cfg.tokenizer, (t for t in corpus.train["text"]))
-    tok.save(saved)
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=run_dir))  # complete or absent, even after kill -9
+    tok.save(tmp)
+    os.replace(tmp, saved)
     return tok
 
 

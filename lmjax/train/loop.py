@@ -216,8 +216,10 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
     if latest is not None:
         check_tokenizer(ckpts, latest, data.tokenizer, run_dir / "tokenizer")
     run = build_run(cfg, run_dir, data.tokenizer.vocab_size, parallel)
-    if is_main:
-        (run_dir / "config.json").write_text(config_lib.to_json(cfg))
+    if is_main:  # written whole or not at all: eval and sample read it
+        tmp = run_dir / ".config.json.tmp"
+        tmp.write_text(config_lib.to_json(cfg))
+        os.replace(tmp, run_dir / "config.json")
 
     if latest is not None:
         state = run.restore(ckpts, latest)
