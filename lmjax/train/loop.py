@@ -124,9 +124,13 @@ def evaluate_subset(eval_fn, params, batches: list[dict], parallel) -> float:
 
 def _preemption_service() -> bool:
     """Whether JAX's preemption service runs (jax.distributed with several processes)."""
-    from jax._src import distributed
-
-    return jax.process_count() > 1 and getattr(distributed.global_state, "preemption_sync_manager", None) is not None
+    if jax.process_count() == 1:
+        return False
+    try:
+        from jax._src import distributed
+    except ImportError:  # moved in another JAX version: fall back to a local handler
+        return False
+    return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
 
 
 class _Signals:
