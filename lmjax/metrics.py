@@ -47,14 +47,16 @@ def truncate_after(path: Path, step: int) -> int:
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = False, hparams: dict | None = None):
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = False, hparams: dict | None = None,
+                 resumed_step: int = 0):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            # After a resume, TensorBoard hides the earlier run's events past the resumed step.
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resumed_step + 1 if resumed_step else None)
             if hparams:
                 self.tb.add_text("config", "```\n" + json.dumps(hparams, indent=2) + "\n```", 0)
 

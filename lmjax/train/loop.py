@@ -252,7 +252,7 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
     step_fn = parallel.compile_step(partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum,
                                             on_nan=cfg.train.on_nan), run.shardings)
     eval_fn = parallel.compile_eval(partial(make_eval_step, run.model), run.shardings)
-    writer = MetricsWriter(run_dir, is_main, cfg.train.tensorboard and is_main, cfg.to_dict())
+    writer = MetricsWriter(run_dir, is_main, cfg.train.tensorboard and is_main, cfg.to_dict(), resumed_step=start)
     progress = Progress(total, start, cfg.train.log_every, is_main)
     result = {"run_dir": str(run_dir), "start_step": start, "params": n_params}
 
