@@ -181,8 +181,12 @@ def reference(experiment, env, tmp_path_factory) -> Path:
 
 # ---------------------------------------------------------------- 1. kill -9
 
+# Seeds of the kill moments; LMJAX_KILL_SEEDS=0,1,...,9 runs more of them.
+KILL_SEEDS = [int(s) for s in os.environ.get("LMJAX_KILL_SEEDS", "0,1").split(",")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", KILL_SEEDS)
 def test_kill9_at_random_moments_resumes_exactly(seed, experiment, env, reference, tmp_path):
     rng = random.Random(seed)
     run = tmp_path / "run"
