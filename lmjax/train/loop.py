@@ -296,7 +296,8 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
                         elapsed = time.time() - t_log
                         tps = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
                         record.update(tokens_per_s=tps, step_time=elapsed / max(steps_since_log, 1))
-                        result["tokens_per_s"] = info["tok/s"] = tps
+                        result["tokens_per_s"] = tps
+                        info["tok/s"] = round(tps)
                     writer.write(done, record)
                     progress.update(done, info)
                     t_log, steps_since_log = time.time(), 0
@@ -332,7 +333,8 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
     except OSError as e:  # the run directory filled up or went away mid-run (metrics, eval outputs)
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EIO):
             raise
-        raise ckpts.write_failed(f"could not write {e.filename or run_dir}: {e.strerror}") from None
+        verb = "write" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS) else "access"
+        raise ckpts.write_failed(f"could not {verb} {e.filename or run_dir}: {e.strerror}") from None
     finally:
         prefetch.close()
         progress.close()
