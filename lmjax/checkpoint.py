@@ -59,6 +59,10 @@ sys.unraisablehook = _ignore_closed_loop(sys.unraisablehook)
 TRASH = ".deleted"  # old checkpoints are renamed here (atomic), then removed
 
 
+class CheckpointWriteError(UserError):
+    """A checkpoint (or other run file) could not be written: full disk, lost permissions."""
+
+
 class Checkpoints:
     def __init__(self, directory: str | Path, keep: int = 3, read_only: bool = False):
         self.directory = Path(directory).absolute()
@@ -110,7 +114,7 @@ class Checkpoints:
         except Exception as e:  # noqa: BLE001 - a failed write: full disk, lost permissions, ...
             raise self.write_failed(f"could not write a checkpoint in {self.directory}: {write_error(e)}") from None
 
-    def write_failed(self, what: str) -> UserError:
+    def write_failed(self, what: str) -> CheckpointWriteError:
         """The one-line error for a run that cannot write any more (full disk, lost permissions)."""
         self.failed = True
         try:  # Orbax lists a step from the moment its save starts: ask the disk what completed
@@ -119,7 +123,7 @@ class Checkpoints:
             pass
         latest = self.latest_step()
         kept = f"the last complete checkpoint is step {latest}" if latest is not None else "no checkpoint is complete yet"
-        return UserError(f"{what}; {kept}. Free disk space (or fix the directory) and run the same command to resume")
+        return CheckpointWriteError(f"{what}; {kept}. Free disk space (or fix the directory) and run the same command to resume")
 
     def resolve(self, which: str | int) -> int:
         """'latest' | 'best' | a step number → an existing step, or a UserError saying what exists."""

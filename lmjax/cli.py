@@ -195,6 +195,7 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}
 
 
 def main(argv: list[str] | None = None) -> int:
+    called_as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_logs()
     parser = build_parser()
@@ -209,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args, overrides)
     except UserError as e:
         print(f"lmjax: error: {e}", file=sys.stderr)
+        if called_as_program and type(e).__name__ == "CheckpointWriteError":
+            # Writes of the failed save may still run in Orbax's threads; leaving through
+            # interpreter shutdown can then abort (SIGABRT) instead of exiting with status 2.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
 
 
