@@ -2,23 +2,65 @@
 by held-out loss, each holding the train state and the resolved config.
 
 A checkpoint directory is written under a temporary name and renamed when complete, so a
-crash mid-save leaves it invisible; restore passes target shardings, so a checkpoint saved
-on one device layout restores onto another.
+crash mid-save leaves it invisible; an old checkpoint is renamed into `.deleted/` before it
+is removed, so a crash mid-delete leaves no half checkpoint in view either. Restore passes
+target shardings, so a checkpoint saved on one device layout restores onto another.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
 from lmjax.errors import UserError
 
 logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+class _DropOrbaxErrorLogs(logging.Filter):
+    """Orbax logs a failed background save with tracebacks before raising it to us; we report
+    every such failure as one line (Checkpoints.save / wait), so its own logs are noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        frame = sys._getframe(1)  # absl reports itself as the caller: look up the stack instead
+        while frame is not None:
+            if "/orbax/" in frame.f_code.co_filename.replace("\\", "/"):
+                return False
+            frame = frame.f_back
+        return True
+
+
+logging.getLogger("absl").addFilter(_DropOrbaxErrorLogs())
+
+
+def _ignore_closed_loop(hook):
+    """TensorStore writes that finish after Orbax abandoned a failed save report to an asyncio
+    loop that is already closed, printing one traceback each; the failure itself is reported."""
+
+    def unraisablehook(unraisable):
+        if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        hook(unraisable)
+
+    return unraisablehook
+
+
+sys.unraisablehook = _ignore_closed_loop(sys.unraisablehook)
+
+TRASH = ".deleted"  # old checkpoints are renamed here (atomic), then removed
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint (or other run file) could not be written: full disk, lost permissions."""
 
 
 class Checkpoints:
@@ -34,8 +76,20 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=preserve, best_fn=lambda m: m["heldout_loss"], best_mode="min",
             cleanup_tmp_directories=not read_only, read_only=read_only, create=not read_only,
-            enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "config"))
+            todelete_subdir=None if read_only else TRASH, enable_async_checkpointing=True)
+        self.read_only = read_only
+        self.failed = False  # a save failed (reported once)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "config", "tokenizer"))
+        if not read_only:
+            self.purge_deleted()
+
+    def purge_deleted(self) -> None:
+        """Remove checkpoints already renamed into .deleted/ (invisible, so a kill here is harmless)."""
+        trash = self.directory / TRASH
+        if trash.is_dir() and jax.process_index() == 0:
+            for child in list(trash.iterdir()):
+                shutil.rmtree(child, ignore_errors=True)
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -46,12 +100,30 @@ class Checkpoints:
     def best_step(self) -> int | None:
         return self.manager.best_step()
 
-    def save(self, step: int, state: Any, config: dict, heldout_loss: float | None = None, force: bool = False) -> None:
-        """Start an async save of the global (unreplicated) state; returns before it is written."""
+    def save(self, step: int, state: Any, config: dict, heldout_loss: float | None = None, force: bool = False,
+             tokenizer: dict | None = None) -> None:
+        """Start an async save of the global (unreplicated) state; returns before it is written.
+        `tokenizer` (kind, vocab_size, fingerprint) lets a restore check the run's tokenizer."""
+        self.purge_deleted()
         metrics = {"heldout_loss": float(heldout_loss)} if heldout_loss is not None else None
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        config=ocp.args.JsonSave(config)),
-                          metrics=metrics, force=force)
+        items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
+        if tokenizer is not None:
+            items["tokenizer"] = ocp.args.JsonSave(tokenizer)
+        try:  # also reports the previous async save, if it failed
+            self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+        except Exception as e:  # noqa: BLE001 - a failed write: full disk, lost permissions, ...
+            raise self.write_failed(f"could not write a checkpoint in {self.directory}: {write_error(e)}") from None
+
+    def write_failed(self, what: str) -> CheckpointWriteError:
+        """The one-line error for a run that cannot write any more (full disk, lost permissions)."""
+        self.failed = True
+        try:  # Orbax lists a step from the moment its save starts: ask the disk what completed
+            self.manager.reload()
+        except Exception:  # noqa: BLE001
+            pass
+        latest = self.latest_step()
+        kept = f"the last complete checkpoint is step {latest}" if latest is not None else "no checkpoint is complete yet"
+        return CheckpointWriteError(f"{what}; {kept}. Free disk space (or fix the directory) and run the same command to resume")
 
     def resolve(self, which: str | int) -> int:
         """'latest' | 'best' | a step number → an existing step, or a UserError saying what exists."""
@@ -75,8 +147,9 @@ class Checkpoints:
 
     def _corrupt(self, step: int, error: Exception) -> UserError:
         older = [s for s in self.all_steps() if s < step]
-        offer = f"; the previous checkpoint is step {older[-1]}: pass --checkpoint {older[-1]} (or delete {self.directory / str(step)} to resume from it)" if older else ""
-        return UserError(f"checkpoint {self.directory / str(step)} is corrupted or incomplete ({type(error).__name__}){offer}")
+        offer = (f"; the previous checkpoint is step {older[-1]}: pass --checkpoint {older[-1]} to eval or sample, "
+                 f"or move {self.directory / str(step)} out of checkpoints/ to resume training from it") if older else ""
+        return UserError(f"checkpoint {self.directory / str(step)} is corrupted or incomplete: {unreadable_part(error)}{offer}")
 
     def restore_state(self, step: int, target: Any) -> Any:
         """Restore the state at `step` onto `target` (a pytree of ShapeDtypeStruct with shardings)."""
@@ -87,14 +160,63 @@ class Checkpoints:
         return restored["state"]
 
     def restore_config(self, step: int) -> dict:
-        path = self.directory / str(step) / "config" / "metadata"
+        return self._read_json(step, "config", "metadata")
+
+    def restore_tokenizer(self, step: int) -> dict | None:
+        """What `save(..., tokenizer=)` stored, or None for a checkpoint saved without it."""
+        if not (self.directory / str(step) / "tokenizer").is_dir():
+            return None
+        return self._read_json(step, "tokenizer", "metadata")
+
+    def _read_json(self, step: int, item: str, name: str) -> dict:
+        path = self.directory / str(step) / item / name
         try:
             return json.loads(path.read_text())
         except (OSError, ValueError) as e:
+            e.filename = str(path)
             raise self._corrupt(step, e) from None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until async saves are written; a failed one raises a UserError."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            if not self.failed:  # else already reported
+                raise self.write_failed(f"could not write a checkpoint in {self.directory}: {write_error(e)}") from None
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self.manager.close()
+        except Exception:  # noqa: BLE001 - already reported by save() or wait()
+            if not self.failed:
+                raise
+        if not self.read_only:
+            self.purge_deleted()
+
+
+def unreadable_part(error: BaseException) -> str:
+    """Name what could not be read (array and file) from an Orbax / TensorStore error chain."""
+    arrays, files, kind = [], [], type(error).__name__
+    while error is not None:
+        text = str(error)
+        arrays += re.findall(r'Error reading "([^"]+)"', text)
+        files += re.findall(r'local file "([^"]+)"', text)
+        if getattr(error, "filename", None):
+            files.append(str(error.filename))
+        error = error.__cause__ or error.__context__
+    files = [f for f in files if not f.endswith("/")] or files  # a file over its directory
+    if arrays:
+        return f"cannot read {arrays[-1]}" + (f" in {files[-1]}" if files else "")
+    return f"cannot read {files[-1]} ({kind})" if files else f"it cannot be read ({kind})"
+
+
+def write_error(error: BaseException) -> str:
+    """The operating system's reason in an Orbax / TensorStore write failure, and the file."""
+    text = str(error)
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror} ({error.filename})" if error.filename else error.strerror
+    reason = re.search(r"([A-Z][\w ]+) \[os_error_code='?\d+'?\]", text)
+    file = re.search(r'Failed writing: "([^"]+)"', text)
+    if reason:
+        return reason.group(1) + (f" writing {file.group(1)}" if file else "")
+    return text.splitlines()[0][:300] if text else type(error).__name__

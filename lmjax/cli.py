@@ -28,7 +28,7 @@ def load_run(run_dir: str | Path, which: str = "latest"):
     from lmjax import config as config_lib
     from lmjax.checkpoint import Checkpoints
     from lmjax.data.tokenizers import load_tokenizer
-    from lmjax.train.loop import build_run
+    from lmjax.train.loop import build_run, check_tokenizer
     from lmjax.train.parallel import MeshParallel
 
     run_dir = Path(run_dir).absolute()
@@ -39,6 +39,7 @@ def load_run(run_dir: str | Path, which: str = "latest"):
     ckpts = Checkpoints(run_dir / "checkpoints", read_only=True)
     step = ckpts.resolve(which)
     cfg = config_lib.from_json(json.dumps(ckpts.restore_config(step)))
+    check_tokenizer(ckpts, step, tokenizer, run_dir / "tokenizer")
     parallel = MeshParallel(_all_data_parallel())  # whatever layout it was saved from
     run = build_run(cfg, run_dir, tokenizer.vocab_size, parallel)
     state = run.restore(ckpts, step)
@@ -63,8 +64,11 @@ def cmd_train(args, overrides) -> int:
     try:
         train(cfg, workdir, stop_at=args.stop_at)
     except Preempted as e:
-        print(str(e), flush=True)
+        print(f"lmjax: {e}", flush=True)
         return 128 + e.signum
+    except KeyboardInterrupt:  # Ctrl-C before the train loop started: nothing new to save
+        print("lmjax: interrupted before training started; nothing was saved", file=sys.stderr)
+        return 128 + 2
     except TrainingHalted as e:
         print(f"lmjax: training halted: {e}", file=sys.stderr)
         return 1
@@ -282,6 +286,7 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "import-
 
 
 def main(argv: list[str] | None = None) -> int:
+    called_as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_logs()
     parser = build_parser()
@@ -298,6 +303,12 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args, overrides)
     except UserError as e:
         print(f"lmjax: error: {e}", file=sys.stderr)
+        if called_as_program and type(e).__name__ == "CheckpointWriteError":
+            # Writes of the failed save may still run in Orbax's threads; leaving through
+            # interpreter shutdown can then abort (SIGABRT) instead of exiting with status 2.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
 
 

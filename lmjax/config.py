@@ -189,12 +189,26 @@ def load_experiment(path: str | Path) -> ConfigDict:
         m = re.search(r"""Key ["']?([\w.]+)["']? does not exist""", str(e))
         if m:
             raise unknown_key_error(m.group(1), str(path)) from None
+        raise _experiment_error(path, e) from None
+    except SyntaxError as e:
+        raise UserError(f"experiment file '{path}' has a syntax error at line {e.lineno}: {e.msg}; fix the file") from None
+    except (UserError, KeyboardInterrupt):
         raise
+    except Exception as e:  # noqa: BLE001 - the user's code failed: say where, in one line
+        raise _experiment_error(path, e) from None
     if not isinstance(cfg, ConfigDict):
         raise UserError(f"get_config() in '{path}' returned {type(cfg).__name__}; return an ml_collections.ConfigDict from lmjax.config.base_config()")
     _check_schema(cfg, str(path))
     cfg.lock()
     return cfg
+
+
+def _experiment_error(path: Path, error: Exception) -> UserError:
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if Path(f.filename).absolute() == path.absolute()]
+    where = f" at line {frames[-1].lineno}" if frames else ""
+    return UserError(f"experiment file '{path}' failed{where}: {type(error).__name__}: {error}; fix the file")
 
 
 def _parse_value(key: str, text: str, default: Any) -> Any:

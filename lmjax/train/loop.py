@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -84,14 +86,25 @@ def count_params(params) -> int:
 
 def probe_writable(run_dir: Path) -> None:
     """Fail at start-up, not after an hour, if the run directory cannot be written."""
+    probe = run_dir / f".write_probe{jax.process_index()}"  # one per process: hosts share the directory
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write_probe{jax.process_index()}"  # one per process: hosts share the directory
         with open(probe, "wb") as f:
             f.write(b"\0" * (1 << 20))  # 1 MiB: a nearly full disk fails here
+            f.flush()
+            os.fsync(f.fileno())
         probe.unlink()
     except OSError as e:
-        raise UserError(f"the run directory {run_dir} is not writable ({e.strerror}); choose another --workdir or free disk space") from None
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            probe.unlink(missing_ok=True)
+            raise UserError(f"the run directory {run_dir} has no room to write ({e.strerror}); free disk space or "
+                            "choose another --workdir") from None
+        if e.errno in (errno.EEXIST, errno.ENOTDIR):
+            blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), run_dir)
+            raise UserError(f"the run directory {run_dir} is not a directory (a file is in the way: {blocker}); "
+                            "choose another --workdir") from None
+        raise UserError(f"the run directory {run_dir} is not writable ({e.strerror}); choose another --workdir "
+                        "or fix its permissions") from None
 
 
 def local_rows(batch: dict, parallel) -> dict:
@@ -123,32 +136,34 @@ def evaluate_subset(eval_fn, params, batches: list[dict], parallel) -> float:
     return nll / count
 
 
-class _Signals:
-    """Turn SIGTERM / SIGINT into a flag the loop checks after each step.
+def _preemption_service() -> bool:
+    """Whether JAX's preemption service runs (jax.distributed with several processes)."""
+    if jax.process_count() == 1:
+        return False
+    try:
+        from jax._src import distributed
+    except ImportError:  # moved in another JAX version: fall back to a local handler
+        return False
+    return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
 
-    With several processes one of them alone may get the signal, yet all must save at the
-    same step: there JAX's preemption service catches SIGTERM and names that step, and
-    SIGINT keeps its default (stop this process).
+
+class _Signals:
+    """SIGTERM / SIGINT → stop after the current step, save, exit.
+
+    One process: a handler sets a flag the loop checks after each step. Several processes must
+    all stop at the same step, or the others hang in a collective: JAX's preemption service
+    (started by jax.distributed.initialize) owns SIGTERM and agrees on a step across processes,
+    which Orbax's `reached_preemption` reports; SIGINT is forwarded to it as SIGTERM.
     """
 
-    def __init__(self):
+    def __init__(self, ckpts: Checkpoints):
+        self.ckpts = ckpts
         self.received = None
+        self.synced = _preemption_service()
         self._old = {}
-        self.multi_process = jax.process_count() > 1
-
-    def stop_after(self, step: int) -> int | None:
-        """The signal to stop on after `step` (agreed by every process), or None."""
-        if self.multi_process:
-            from jax.experimental import multihost_utils
-
-            if multihost_utils.reached_preemption_sync_point(step):
-                self.received = signal.SIGTERM
-        return self.received
 
     def __enter__(self):
-        if self.multi_process:
-            return self
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGINT,) if self.synced else (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
@@ -157,10 +172,34 @@ class _Signals:
 
     def _handle(self, signum, frame):
         self.received = signum
+        if self.synced and signum != signal.SIGTERM:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def stop_at(self, step: int) -> bool:
+        """Call after every step (on every process): True where all should save and stop."""
+        if self.synced:
+            if self.ckpts.manager.reached_preemption(step):
+                self.received = self.received or signal.SIGTERM
+                return True
+            return False
+        return self.received is not None
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def tokenizer_record(tokenizer) -> dict:
+    """What a checkpoint records of its tokenizer, to refuse another one on restore."""
+    return {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "fingerprint": tokenizer.fingerprint()}
+
+
+def check_tokenizer(ckpts: Checkpoints, step: int, tokenizer, tokenizer_dir: Path) -> None:
+    saved = ckpts.restore_tokenizer(step)
+    if saved is not None and saved.get("fingerprint") != tokenizer.fingerprint():
+        raise UserError(f"the tokenizer in {tokenizer_dir} ({tokenizer.kind}, {tokenizer.vocab_size} ids) is not the one "
+                        f"checkpoint step {step} was trained with ({saved.get('kind')}, {saved.get('vocab_size')} ids); "
+                        f"put the run's own tokenizer back in {tokenizer_dir}, or train in a new --workdir")
 
 
 def check_resume(cfg, ckpts: Checkpoints, step: int, log) -> None:
@@ -196,9 +235,13 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at:
         check_resume(cfg, ckpts, latest, say)
 
     data: Data = main_process_first(lambda: prepare(cfg, run_dir, say), is_main)
+    if latest is not None:
+        check_tokenizer(ckpts, latest, data.tokenizer, run_dir / "tokenizer")
     run = build_run(cfg, run_dir, data.tokenizer.vocab_size, parallel)
-    if is_main:
-        (run_dir / "config.json").write_text(config_lib.to_json(cfg))
+    if is_main:  # written whole or not at all: eval and sample read it
+        tmp = run_dir / ".config.json.tmp"
+        tmp.write_text(config_lib.to_json(cfg))
+        os.replace(tmp, run_dir / "config.json")
 
     if latest is not None:
         state = run.restore(ckpts, latest)
@@ -234,8 +277,10 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at:
     progress = Progress(total, start, cfg.train.log_every, is_main)
     result = {"run_dir": str(run_dir), "start_step": start, "params": n_params}
 
+    tokenizer_info = tokenizer_record(data.tokenizer)
+
     def save(step: int, heldout: float | None, force: bool = False):
-        ckpts.save(step, parallel.to_global(state), cfg.to_dict(), heldout, force=force)
+        ckpts.save(step, parallel.to_global(state), cfg.to_dict(), heldout, force=force, tokenizer=tokenizer_info)
 
     last_good = latest
     last_loss = heldout_loss = float("nan")
@@ -244,7 +289,7 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at:
     end = min(total, stop_at) if stop_at else total
     prefetch = Prefetcher(lambda s: batches(s), parallel.put_batch, start, end)
     try:
-        with _Signals() as signals:
+        with _Signals(ckpts) as signals:
             pending = None
 
             def finish(item):  # read a step's metrics (after the next step was dispatched)
@@ -253,12 +298,13 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at:
                 m = parallel.fetch(m)
                 last_loss = float(m["loss"])
                 if not bool(m["finite"]) and cfg.train.on_nan == "halt":
+                    kept = f"step {last_good}" if last_good is not None else "none written yet"
                     raise TrainingHalted(
-                        f"non-finite loss ({last_loss}) or gradient norm ({float(m['grad_norm'])}) at step {done}; "
-                        f"stopped without saving it. Last good checkpoint: step {last_good}. Lower optim.lr, raise "
-                        "optim.warmup_steps, or set train.on_nan='skip'")
-                first = t_first is None  # the first step compiles: keep it out of throughput
-                if first:
+                        f"non-finite loss ({last_loss}), gradient norm ({float(m['grad_norm'])}) or parameter norm "
+                        f"({float(m['param_norm'])}) at step {done}; stopped without saving it. Last good checkpoint: "
+                        f"{kept}. Lower optim.lr, raise optim.warmup_steps, or set train.on_nan='skip'")
+                first = t_first is None
+                if first:  # compilation: log the step, keep it out of throughput
                     t_first = t_log = time.time()
                     steps_since_log = 0
                 else:
@@ -288,7 +334,7 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at:
                 pending = (done, metrics)
                 do_eval = done % cfg.train.eval_every == 0 or done == total
                 do_save = done % cfg.train.save_every == 0 or done == end
-                stop = signals.stop_after(done)
+                stop = signals.stop_at(done) and done < total
                 if do_eval or do_save or stop:
                     finish(pending)
                     pending = None
@@ -303,9 +349,9 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at:
                     t_log, steps_since_log = time.time(), 0  # keep eval and save out of tokens/s
                     if stop:
                         ckpts.wait()
-                        name = signal.Signals(stop).name
-                        raise Preempted(f"received {name}: saved a checkpoint at step {done} in {ckpts.directory}; "
-                                        "run the same command to resume", stop)
+                        name = signal.Signals(signals.received).name
+                        raise Preempted(f"received {name}: finished step {done}, saved it in {ckpts.directory / str(done)}; "
+                                        "run the same command to resume from it", signals.received)
                 if trace.after(step, metrics):  # the trace's one device sync: keep it out of tokens/s
                     if pending is not None:
                         finish(pending)
@@ -317,13 +363,20 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at:
             if writer.tb is not None and jax.process_count() == 1:  # what the trained model writes, in TensorBoard
                 writer.text("sample", "```\n" + sample_text(run.model, parallel.to_global(state).params,
                                                             data.tokenizer, cfg.sample) + "\n```", total)
+    except OSError as e:  # the run directory filled up or went away mid-run (metrics, eval outputs)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EIO):
+            raise
+        verb = "write" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS) else "access"
+        raise ckpts.write_failed(f"could not {verb} {e.filename or run_dir}: {e.strerror}") from None
     finally:
         trace.stop()
         prefetch.close()
         progress.close()
-        ckpts.wait()
-        ckpts.close()
-        writer.close()
+        try:
+            ckpts.wait()
+        finally:
+            ckpts.close()
+            writer.close()
     result.update(step=end, train_loss=last_loss, heldout_loss=heldout_loss, wall_s=time.time() - t_start)
     say(f"{'done' if end == total else 'stopped'}: step {end}, train loss {last_loss:.4f}, held-out loss (subset) {heldout_loss:.4f}, "
         f"{result['wall_s']:.0f}s; checkpoints in {ckpts.directory}")

@@ -87,7 +87,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # Finite loss and gradients can still overflow the parameters (a huge lr): check them too,
+        # so a checkpoint never holds an Inf/NaN state.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(_global_norm(params))
         if on_nan == "skip":  # keep the previous parameters and moments for a bad update
             keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
             params = jax.tree.map(keep, params, state.params)
