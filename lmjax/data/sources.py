@@ -67,7 +67,8 @@ SAMPLE_BY = {"file": "document", "line": "line", "blank_line": "paragraph"}
 
 def _files_dataset(files: list[str], data):
     kwargs = {"sample_by": SAMPLE_BY[data.split_by], "encoding_errors": "replace"} if data.format == "text" else {}
-    return _load(BUILDERS[data.format], {"all": files}, **kwargs)["all"]
+    # The split is named 'train' because datasets reserves 'all'.
+    return _load(BUILDERS[data.format], {"train": files}, **kwargs)["train"]
 
 
 def _text_column(ds, field: str, where: str):
