@@ -27,8 +27,8 @@ OPTIONS = {
     "untied": {"tie_embeddings": False},
     "dropout": {"dropout": 0.1},
     "bfloat16": {"dtype": "bfloat16"},
-    "scan": {"scan_layers": True},
-    "remat_scan": {"remat": "dots_saveable", "scan_layers": True},  # each policy: test_remat_*
+    # scan_layers and remat together; scan alone: test_scanned_*, each policy: test_remat_*
+    "remat_scan": {"remat": "dots_saveable", "scan_layers": True},
     "llama": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False,
               "tie_embeddings": False, "n_kv_heads": 2, "d_ff": 64},
 }

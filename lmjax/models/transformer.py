@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -98,6 +99,8 @@ def rotary(x_BxTxNxH: Array, positions_BxT: Array, base: float) -> Array:
 
 
 class Attention(nn.Module):
+    """Causal multi-head attention; K < N key/value heads is grouped-query (K = 1: multi-query)."""
+
     cfg: TransformerConfig
     decode: bool = False
 
@@ -145,6 +148,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GPT-2's GELU MLP (fc → gelu → proj) or LLaMA's SwiGLU (silu(gate) * up → proj)."""
+
     cfg: TransformerConfig
 
     @nn.compact
@@ -212,7 +217,7 @@ class Transformer(nn.Module):
         wte = self.param("wte", _init(0.02, ("vocab", "embed")), (c.vocab_size, c.d_model), jnp.float32)
         x_BxTxD = jnp.take(wte, tokens_BxT, axis=0)
         if c.positions == "learned":
-            wpe = self.param("wpe", _init(0.01, ("pos", "embed")), (c.max_len, c.d_model), jnp.float32)
+            wpe = self.param("wpe", _init(0.01, ("pos", "embed")), (c.max_len, c.d_model), jnp.float32)  # GPT-2's std
             x_BxTxD = x_BxTxD + jnp.take(wpe, positions_BxT, axis=0)
         x_BxTxD = nn.Dropout(c.dropout, deterministic=deterministic)(x_BxTxD).astype(jnp.dtype(c.dtype))
 
