@@ -1,4 +1,8 @@
-"""Tiny experiment for tests and smoke runs: a 2-layer Transformer, seconds per run."""
+"""Tiny experiment for tests and smoke runs: a 2-layer Transformer, seconds per run.
+
+What it reaches: nothing worth comparing (20 steps); it is for checking that the
+machinery runs. For a small model that learns, see tiny_gpt2.py and tiny_llama.py.
+"""
 
 from lmjax.config import base_config
 

@@ -17,11 +17,13 @@ import numpy as np
 from lmjax.errors import UserError
 
 
-def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+def check_sampling(temperature: float, top_k: int, top_p: float, vocab_size: int | None = None) -> None:
     if not temperature > 0:
         raise UserError(f"--temperature must be positive, got {temperature}; use --greedy for argmax decoding")
     if top_k < 0:
         raise UserError(f"--top-k must be 0 (off) or positive, got {top_k}")
+    if vocab_size is not None and top_k > vocab_size:
+        raise UserError(f"--top-k={top_k} is larger than the vocabulary ({vocab_size} tokens); use at most {vocab_size}, or 0 for off")
     if not 0 < top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {top_p}")
 
@@ -89,9 +91,18 @@ def _generate(model, params, tokens_BxL, prompt_lens_B, rng, temperature, eot_id
 def generate(model, params, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, greedy: bool = False, seed: int = 0, eot_id: int = -1,
              max_len: int | None = None) -> list[list[int]]:
-    """Continue each prompt; return the new tokens of each row (stopping at end-of-text)."""
+    """Continue each prompt; return the new tokens of each row (stopping at end-of-text).
+
+    max_len (default: the model's context, for models with a KV cache) caps prompt + new
+    tokens: a row may get fewer than max_new_tokens.
+    """
     if not greedy:
-        check_sampling(temperature, top_k, top_p)
+        check_sampling(temperature, top_k, top_p, getattr(model.cfg, "vocab_size", None))
+    max_len = max_len or getattr(model.cfg, "max_len", None)  # the KV cache holds this many
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    if not prompts:
+        raise UserError("no prompt given; pass at least one --prompt")
     lens = np.array([len(p) for p in prompts])
     if lens.min() < 1:
         raise UserError("each prompt needs at least one token")
@@ -119,3 +130,18 @@ def generate(model, params, prompts: list[list[int]], max_new_tokens: int, *, te
 def cut_at_stop(text: str, stops: list[str]) -> str:
     cut = min((text.find(s) for s in stops if s and s in text), default=-1)
     return text if cut < 0 else text[:cut]
+
+
+@partial(jax.jit, static_argnames=("model",))
+def greedy_without_cache(model, params, tokens_BxL, prompt_lens_B):
+    """Reference greedy decoding with no decode state: row b keeps its first prompt_lens_B[b]
+    tokens and fills the rest of the L positions by argmax, each new token costing a full
+    forward pass over all L (causal, so the unwritten tail is ignored). O(L²); for tests
+    and benchmarks. Returns tokens int32[B, L]."""
+
+    def body(t, tokens_BxL):
+        logits_BxV = model.apply({"params": params}, tokens_BxL)[:, t - 1]
+        nxt_B = jnp.where(t < prompt_lens_B, tokens_BxL[:, t], jnp.argmax(logits_BxV, -1))
+        return tokens_BxL.at[:, t].set(nxt_B.astype(jnp.int32))
+
+    return jax.lax.fori_loop(jnp.min(prompt_lens_B), tokens_BxL.shape[1], body, tokens_BxL)

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from lmjax.errors import UserError
 
 Array = jax.Array
 
@@ -102,6 +99,8 @@ def rotary(x_BxTxNxH: Array, positions_BxT: Array, base: float) -> Array:
 
 
 class Attention(nn.Module):
+    """Causal multi-head attention; K < N key/value heads is grouped-query (K = 1: multi-query)."""
+
     cfg: TransformerConfig
     decode: bool = False
 
@@ -149,6 +148,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GPT-2's GELU MLP (fc → gelu → proj) or LLaMA's SwiGLU (silu(gate) * up → proj)."""
+
     cfg: TransformerConfig
 
     @nn.compact
@@ -194,7 +195,14 @@ REMAT_POLICIES = {
 
 
 class Transformer(nn.Module):
-    """tokens int32[B, T] → logits float32[B, T, V]."""
+    """tokens int32[B, T] → logits float32[B, T, V].
+
+    positions_BxT: position of each token (default 0..T-1); with packed documents they
+    restart at 0 at each document, and segment_ids_BxT (1, 2, ... per document) keeps
+    attention inside a document. decode=True: attend to the key/value cache in the 'cache'
+    collection and append this chunk to it; pass the chunk's positions (the caller tracks
+    them, see lmjax.sample), and never more than max_len tokens in all.
+    """
 
     cfg: TransformerConfig
 
@@ -209,7 +217,7 @@ class Transformer(nn.Module):
         wte = self.param("wte", _init(0.02, ("vocab", "embed")), (c.vocab_size, c.d_model), jnp.float32)
         x_BxTxD = jnp.take(wte, tokens_BxT, axis=0)
         if c.positions == "learned":
-            wpe = self.param("wpe", _init(0.01, ("pos", "embed")), (c.max_len, c.d_model), jnp.float32)
+            wpe = self.param("wpe", _init(0.01, ("pos", "embed")), (c.max_len, c.d_model), jnp.float32)  # GPT-2's std
             x_BxTxD = x_BxTxD + jnp.take(wpe, positions_BxT, axis=0)
         x_BxTxD = nn.Dropout(c.dropout, deterministic=deterministic)(x_BxTxD).astype(jnp.dtype(c.dtype))
 
@@ -226,7 +234,8 @@ class Transformer(nn.Module):
             for i in range(c.n_layers):
                 x_BxTxD, _ = block(c, deterministic, decode, name=f"block_{i}")(x_BxTxD, positions_BxT, segment_ids_BxT)
 
-        x_BxTxD = Norm(c, name="norm_f")(x_BxTxD).astype(jnp.float32)
+        # Final norm on float32 input, so the head sees the hidden state unrounded.
+        x_BxTxD = Norm(c, name="norm_f")(x_BxTxD.astype(jnp.float32))
         if c.tie_embeddings:
             head_DxV = wte.T
         else:
@@ -235,9 +244,15 @@ class Transformer(nn.Module):
         return jnp.dot(x_BxTxD, head_DxV)
 
 
-def check_positions(cfg: TransformerConfig, length: int) -> None:
-    if cfg.positions == "learned" and length > cfg.max_len:
-        raise UserError(f"sequence of {length} tokens is longer than the model's context ({cfg.max_len}); shorten it or raise model.max_len")
+def stack_layers(params: dict, n_layers: int) -> dict:
+    """Parameters of an unscanned model (block_0 ... block_{L-1}) → a scanned one ('layers',
+    each leaf with a leading layer axis). Inverse of `unstack_layers`."""
+    blocks = [params[f"block_{i}"] for i in range(n_layers)]
+    rest = {k: v for k, v in params.items() if not k.startswith("block_")}
+    return {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
 
 
-__all__ = ["Transformer", "TransformerConfig", "rotary", "check_positions", "Any"]
+def unstack_layers(params: dict, n_layers: int) -> dict:
+    """Parameters of a scanned model → an unscanned one (block_0 ... block_{L-1})."""
+    rest = {k: v for k, v in params.items() if k != "layers"}
+    return {**rest, **{f"block_{i}": jax.tree.map(lambda x: x[i], params["layers"]) for i in range(n_layers)}}
