@@ -278,7 +278,7 @@ def test_two_processes_match_one_process_and_stop_together(reference, tmp_path, 
     assert "mesh data=2 fsdp=2 tensor=2 over 8 cpu devices in 2 processes" in first[0][1]
     assert "step 3" not in first[1][1], "only process 0 reports progress"
     (stopped,) = [int(p.name) for p in (run_dir / "checkpoints").iterdir()]
-    assert all(f"saved a checkpoint at step {stopped}" in out for _, out, _ in first)
+    assert all(f"finished step {stopped}, saved it in" in out for _, out, _ in first)
 
     end = max(6, stopped + 2)
     second = wait_all(launch_two_processes(exp, run_dir, cache, [f"--config.train.steps={end}"]))
