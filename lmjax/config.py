@@ -242,12 +242,7 @@ def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
         key = key.removeprefix("--config.").removeprefix("config.")
         if key not in valid:
             raise unknown_key_error(key, "the command line")
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        with cfg.unlocked():
-            node[leaf] = _parse_value(key, text, node[leaf])
+        set_value(cfg, key, _parse_value(key, text, get(cfg, key)))
     return cfg
 
 
@@ -296,10 +291,19 @@ def validate(cfg: ConfigDict) -> None:
 
 
 def get(cfg: ConfigDict, key: str) -> Any:
+    """The value at a dotted key, e.g. get(cfg, 'train.steps')."""
     node = cfg
     for part in key.split("."):
         node = node[part]
     return node
+
+
+def set_value(cfg: ConfigDict, key: str, value: Any) -> None:
+    """Set the value at a dotted key (an existing one: the schema stays locked)."""
+    *parents, leaf = key.split(".")
+    with cfg.unlocked():
+        node = get(cfg, ".".join(parents)) if parents else cfg
+        node[leaf] = value
 
 
 def load(path: str | Path, overrides: Iterable[str] = ()) -> ConfigDict:
@@ -328,14 +332,9 @@ def from_json(text: str) -> ConfigDict:
 
     walk(saved)
     valid = set(leaf_keys(cfg))
-    with cfg.unlocked():
-        for key, value in flat.items():
-            if key in valid:
-                *parents, leaf = key.split(".")
-                node = cfg
-                for p in parents:
-                    node = node[p]
-                node[leaf] = value
+    for key, value in flat.items():
+        if key in valid:
+            set_value(cfg, key, value)
     return cfg
 
 

@@ -38,7 +38,7 @@ def corpus_dir(tmp_path_factory) -> Path:
 
 def tiny_config(corpus_dir: Path, **overrides):
     """A 2-layer, width-32 Transformer on the fixture corpus; `overrides` as 'a.b': value."""
-    from lmjax.config import base_config
+    from lmjax.config import base_config, set_value
 
     c = base_config()
     c.data.source = "files"
@@ -56,13 +56,8 @@ def tiny_config(corpus_dir: Path, **overrides):
     c.train.save_every = 3
     c.train.eval_batches = 2
     c.train.tensorboard = False
-    with c.unlocked():
-        for key, value in overrides.items():
-            node = c
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node[p]
-            node[leaf] = value
+    for key, value in overrides.items():
+        set_value(c, key, value)
     return c
 
 

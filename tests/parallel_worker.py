@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def tiny_mesh_config(**overrides):
     """Width 32, 4 heads, MLP 128, vocabulary 256: every dimension divides 8."""
-    from lmjax.config import base_config
+    from lmjax.config import base_config, set_value
 
     c = base_config()
     c.data.seq_len = 16
@@ -27,13 +27,8 @@ def tiny_mesh_config(**overrides):
     c.model.vocab_size = 256
     c.optim.warmup_steps, c.optim.lr = 0, 3e-3
     c.train.steps, c.train.batch_size = 20, 16
-    with c.unlocked():
-        for key, value in overrides.items():
-            node = c
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node[p]
-            node[leaf] = value
+    for key, value in overrides.items():
+        set_value(c, key, value)
     return c
 
 
