@@ -33,7 +33,7 @@ def test_overrides_are_typed_by_default():
 
 
 def test_wrong_type_is_refused():
-    with pytest.raises(UserError, match=r"'train.steps' expects a int.*got 'many'"):
+    with pytest.raises(UserError, match=r"'train.steps' expects an int.*got 'many'"):
         config_lib.load("experiments/default.py", ["--config.train.steps=many"])
 
 

@@ -503,7 +503,7 @@ def test_unknown_config_key(experiment, capsys):
 
 def test_wrong_type_for_key(experiment, capsys):
     code, _, err = _cli(["train", experiment, "--config.train.steps=many"], capsys)
-    _user_error(code, err, "'train.steps' expects a int", "got 'many'", case="wrong type: --config.train.steps=many")
+    _user_error(code, err, "'train.steps' expects an int", "got 'many'", case="wrong type: --config.train.steps=many")
 
 
 @pytest.mark.parametrize("text, fragment, case", [
