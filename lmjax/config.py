@@ -229,7 +229,7 @@ def _parse_value(key: str, text: str, default: Any) -> Any:
             return text
         return type(default)(ast.literal_eval(text))
     except (ValueError, SyntaxError):
-        raise UserError(f"config key '{key}' expects {"an" if kind.__name__[0] in "aeiou" else "a"} {kind.__name__} (default {default!r}), got '{text}'") from None
+        raise UserError(f"config key '{key}' expects {'an' if kind.__name__[0] in 'aeiou' else 'a'} {kind.__name__} (default {default!r}), got '{text}'") from None
 
 
 def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
