@@ -1,0 +1,189 @@
+"""Training speed on this machine: tokens/s, step time, compile time, FLOP/s and MFU, peak memory.
+
+Each reference config runs in its own subprocess (so ru_maxrss is that config's peak) through
+the real train step: lmjax.train.loop.build_run → MeshParallel.compile_step(make_train_step).
+Every worker also measures the float32 matmul peak (a jnp.dot probe, best of several) in the
+same process, so the MFU ratio compares figures taken under the same load.
+
+    PYTHONPATH=$PWD python scripts/bench_train.py                  # all configs + compile test
+    PYTHONPATH=$PWD python scripts/bench_train.py --only small --steps 30
+    PYTHONPATH=$PWD python scripts/bench_train.py --json out.json  # also save the figures
+
+Synthetic uniform tokens stand in for data: speed does not depend on the token values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name → (model overrides, seq_len, batch, vocab). 'default' is read from experiments/default.py.
+REFERENCE = {
+    "tiny": ({"n_layers": 4, "n_heads": 4, "d_model": 128}, 64, 12, 65),
+    "small": ({"n_layers": 6, "n_heads": 6, "d_model": 384}, 256, 16, 257),
+    "default": None,
+}
+COMPILE_LAYERS = (2, 24)  # scan_layers=True, tiny shape: compile time should barely grow
+
+
+def reference_config(name: str, n_layers: int | None = None, scan: bool | None = None):
+    """(config, vocab) of a reference config; optional layer count / scan for the compile test."""
+    from lmjax import config as config_lib
+
+    if name == "default":
+        cfg = config_lib.load_experiment(ROOT / "experiments" / "default.py")
+        vocab = 257  # byte tokenizer
+    else:
+        model, seq_len, batch, vocab = REFERENCE[name]
+        cfg = config_lib.base_config()
+        for k, v in model.items():
+            cfg.model[k] = v
+        cfg.data.seq_len, cfg.train.batch_size = seq_len, batch
+    cfg.train.steps = 10_000  # the lr schedule's length: irrelevant to speed
+    cfg.parallel.strategy = "single"
+    if n_layers is not None:
+        cfg.model.n_layers = n_layers
+    if scan is not None:
+        cfg.model.scan_layers = scan
+    return cfg, vocab
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """Best float32 FLOP/s of one jitted n x n x n matmul."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.dot)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best
+
+
+def worker(name: str, steps: int, n_layers: int | None, scan: bool | None, compile_only: bool) -> dict:
+    """Compile and time the real train step of one config; return its figures."""
+    import jax
+    import numpy as np
+    from functools import partial
+
+    from lmjax.flops import flops_per_token
+    from lmjax.models.transformer import TransformerConfig
+    from lmjax.train.loop import build_run
+    from lmjax.train.step import make_train_step
+
+    cfg, vocab = reference_config(name, n_layers, scan)
+    seq_len, batch = cfg.data.seq_len, cfg.train.batch_size
+    with tempfile.TemporaryDirectory() as tmp:
+        run = build_run(cfg, Path(tmp), vocab)
+    par = run.parallel
+    state = par.init_state(run.init_state, run.shardings, jax.random.PRNGKey(cfg.seed))
+    rng = np.random.default_rng(0)
+
+    def make_batch():
+        toks = rng.integers(0, vocab, (batch, seq_len + 1), dtype=np.int32)
+        return par.put_batch({"inputs": toks[:, :-1], "targets": toks[:, 1:]})
+
+    batches = [make_batch() for _ in range(4)]
+    step_fn = par.compile_step(partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum,
+                                       on_nan=cfg.train.on_nan), run.shardings)
+    t0 = time.perf_counter()
+    lowered = step_fn.lower(state, batches[0])
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    out = {"name": name, "n_layers": cfg.model.n_layers, "scan_layers": cfg.model.scan_layers,
+           "trace_s": t1 - t0, "compile_s": t2 - t1}
+    if compile_only:
+        return out
+
+    state, m = compiled(state, batches[0])  # first run: allocations, thread pools
+    first_loss = float(m["loss"])
+    times, cpu_times = [], []
+    for i in range(steps):
+        t, c = time.perf_counter(), time.process_time()
+        state, m = compiled(state, batches[i % len(batches)])
+        jax.block_until_ready(m["loss"])
+        times.append(time.perf_counter() - t)
+        cpu_times.append(time.process_time() - c)  # CPU seconds of all threads: robust to other load
+    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+    peak = matmul_peak()  # after the peak memory is read: the probe's 48 MiB is not the step's
+
+    model_cfg = TransformerConfig.from_config(cfg.model, vocab, seq_len)
+    step_s = statistics.median(times)
+    fpt = flops_per_token(model_cfg, seq_len)
+    flops = fpt * batch * seq_len / step_s
+    out.update(
+        seq_len=seq_len, batch=batch, vocab=vocab, d_model=model_cfg.d_model, first_loss=first_loss,
+        step_ms=1e3 * step_s, step_ms_min=1e3 * min(times), cpu_ms=1e3 * statistics.median(cpu_times), tokens_per_s=batch * seq_len / step_s,
+        flops_per_token=fpt, gflops=flops / 1e9, peak_gflops=peak / 1e9, mfu=flops / peak,
+        mfu_best_step=fpt * batch * seq_len / min(times) / peak, peak_rss_gib=rss_gib)
+    return out
+
+
+def run_worker(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=1800)
+    if proc.returncode:
+        sys.exit(f"worker {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", default=list(REFERENCE), help="configs to run")
+    ap.add_argument("--steps", type=int, default=40, help="timed steps per config (after compilation)")
+    ap.add_argument("--no-compile-test", action="store_true", help="skip the 2 vs 24 layer compile test")
+    ap.add_argument("--json", help="also write all figures to this file")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--layers", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--scan", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+
+    if a.worker:
+        scan = None if a.scan is None else bool(a.scan)
+        print(json.dumps(worker(a.worker, a.steps, a.layers, scan, a.compile_only)))
+        return
+
+    import jax
+
+    print(f"jax {jax.__version__}, {os.cpu_count()} CPUs, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    results = []
+    hdr = f"{'config':8} {'step ms':>8} {'min ms':>7} {'tok/s':>8} {'compile s':>9} {'GFLOP/s':>8} {'peak':>6} {'MFU':>6} {'MFUbest':>7} {'RSS GiB':>7}"
+    print(hdr)
+    for name in a.only:
+        r = run_worker([name, "--steps", str(a.steps)])
+        results.append(r)
+        print(f"{name:8} {r['step_ms']:8.1f} {r['step_ms_min']:7.1f} {r['tokens_per_s']:8.0f} {r['compile_s']:9.2f} "
+              f"{r['gflops']:8.1f} {r['peak_gflops']:6.1f} {r['mfu']:6.1%} {r['mfu_best_step']:7.1%} {r['peak_rss_gib']:7.2f}",
+              flush=True)
+    if not a.no_compile_test:
+        comp = {n: run_worker(["tiny", "--layers", str(n), "--scan", "1", "--compile-only"]) for n in COMPILE_LAYERS}
+        lo, hi = (comp[n] for n in COMPILE_LAYERS)
+        ratio = (hi["trace_s"] + hi["compile_s"]) / (lo["trace_s"] + lo["compile_s"])
+        print(f"compile with scan_layers=True (tiny width): {COMPILE_LAYERS[0]} layers trace {lo['trace_s']:.2f}s + "
+              f"compile {lo['compile_s']:.2f}s; {COMPILE_LAYERS[1]} layers trace {hi['trace_s']:.2f}s + compile "
+              f"{hi['compile_s']:.2f}s; ratio {ratio:.2f} (XLA compile alone {hi['compile_s'] / lo['compile_s']:.2f})")
+        results.append({"compile_test": comp, "ratio": ratio})
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
