@@ -15,7 +15,7 @@ def get_config():
     c.data.seq_len = 128
     c.tokenizer.kind = "byte"
 
-    c.model.d_model = 192
+    c.model.d_model = 128
     c.model.n_layers = 4
     c.model.n_heads = 4
     c.model.dropout = 0.0
