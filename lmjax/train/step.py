@@ -50,7 +50,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
     """Build `train_step(state, batch) -> (state, metrics)`.
 
     The loss is token-weighted over the whole global batch: gradients of the summed NLL are
-    summed over micro-batches (a `lax.scan` inside the step) and over devices (`psum` when
+    summed over micro-batches (a `lax.scan` inside the step when grad_accum > 1) and over devices (`psum` when
     `axis_name` names a pmap axis), then divided by the total number of targets.
     """
 
@@ -65,9 +65,6 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
         rng = jax.random.fold_in(state.rng, state.step)
         if axis_name is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-        # Micro-batch i takes rows i, i + accum, ...: each device's block of rows feeds every
-        # micro-batch, so accumulation moves no data between devices.
-        micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
         def accumulate(carry, xs):
             i, mb = xs
@@ -75,10 +72,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
             total_nll, total_count, total_g = carry
             return (total_nll + nll, total_count + count, jax.tree.map(jnp.add, total_g, g)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (nll, count, grads), _ = jax.lax.scan(
-            accumulate, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros),
-            (jnp.arange(grad_accum), micro))
+        if grad_accum == 1:  # no loop: XLA fuses across it and keeps no gradient accumulator
+            (nll, count), grads = grad_fn(state.params, batch, jax.random.fold_in(rng, 0))
+        else:
+            # Micro-batch i takes rows i, i + accum, ...: each device's block of rows feeds every
+            # micro-batch, so accumulation moves no data between devices.
+            micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (nll, count, grads), _ = jax.lax.scan(
+                accumulate, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros),
+                (jnp.arange(grad_accum), micro))
         if axis_name is not None:
             nll, count, grads = jax.lax.psum((nll, count, grads), axis_name)
         loss = nll / count
