@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lmjax.models import ops
+
 Array = jax.Array
 
 
@@ -75,13 +77,9 @@ class Norm(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD: Array) -> Array:
         c = self.cfg
-        x = x_BxTxD.astype(jnp.float32)
         scale = self.param("scale", _ones(("norm",)), (c.d_model,), jnp.float32)
-        if c.norm == "layernorm":
-            x = x - x.mean(-1, keepdims=True)
-        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + c.norm_eps) * scale
-        if c.bias:
-            x = x + self.param("bias", _zeros(("norm",)), (c.d_model,), jnp.float32)
+        bias = self.param("bias", _zeros(("norm",)), (c.d_model,), jnp.float32) if c.bias else None
+        x = ops.norm(x_BxTxD.astype(jnp.float32), scale, bias, c.norm_eps, c.norm == "layernorm")
         return x.astype(x_BxTxD.dtype)
 
 
@@ -138,7 +136,7 @@ class Attention(nn.Module):
             mask = None
             if segment_ids_BxT is not None:
                 mask = (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]  # Bx1xTxS
-            out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask, is_causal=True)
+            out_BxTxNxH = ops.causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask)
 
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layers).
         out_std = std / math.sqrt(2 * c.n_layers)
@@ -161,7 +159,7 @@ class MLP(nn.Module):
             kernel_init=_init(std, names), bias_init=_zeros(names[1:]))
         out_std = 0.02 / math.sqrt(2 * c.n_layers)
         if c.mlp == "gelu":
-            h_BxTxF = nn.gelu(dense(c.d_ff, 0.02, ("embed", "mlp"), "fc")(x_BxTxD), approximate=True)
+            h_BxTxF = ops.gelu(dense(c.d_ff, 0.02, ("embed", "mlp"), "fc")(x_BxTxD))
         else:
             gate = dense(c.d_ff, 0.02, ("embed", "mlp"), "gate")(x_BxTxD)
             up = dense(c.d_ff, 0.02, ("embed", "mlp"), "up")(x_BxTxD)
