@@ -96,6 +96,36 @@ def rotary(x_BxTxNxH: Array, positions_BxT: Array, base: float) -> Array:
     return (x * cos + rotated * sin).astype(x_BxTxNxH.dtype)
 
 
+class HeadsProjection(nn.Module):
+    """The parameters of a D → heads x H projection, as nn.DenseGeneral names and initialises
+    them ('kernel' DxNxH, 'bias' NxH); the caller applies several at once (`project`)."""
+
+    cfg: TransformerConfig
+    heads: int
+    heads_axis: str  # logical axis name: 'heads' or 'kv_heads'
+
+    @nn.compact
+    def __call__(self) -> tuple[Array, Array | None]:
+        c = self.cfg
+        names = ("embed", self.heads_axis, "head_dim")
+        shape = (c.d_model, self.heads, c.head_dim)
+        # Drawn as a D x (heads * H) matrix, as DenseGeneral does: the same numbers for a seed.
+        init = lambda key, shape, dtype: nn.initializers.normal(0.02)(key, (shape[0], shape[1] * shape[2]), dtype).reshape(shape)  # noqa: E731
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, names), shape, jnp.float32)
+        bias = self.param("bias", _zeros(names[1:]), shape[1:], jnp.float32) if c.bias else None
+        return kernel, bias
+
+
+def project(x_BxTxD: Array, projections: list[tuple[Array, Array | None]], dtype) -> list[Array]:
+    """Apply projections with the same number of heads as one matrix product, D x (P*N*H):
+    one large product runs closer to the CPU's peak than P small ones. → P arrays BxTxNxH."""
+    kernel_DxPxNxH = jnp.stack([k for k, _ in projections], 1).astype(dtype)
+    out_BxTxPxNxH = jnp.einsum("btd,dpnh->btpnh", x_BxTxD.astype(dtype), kernel_DxPxNxH)
+    if projections[0][1] is not None:
+        out_BxTxPxNxH = out_BxTxPxNxH + jnp.stack([b for _, b in projections]).astype(dtype)
+    return [out_BxTxPxNxH[:, :, i] for i in range(len(projections))]
+
+
 class Attention(nn.Module):
     """Causal multi-head attention; K < N key/value heads is grouped-query (K = 1: multi-query)."""
 
@@ -107,12 +137,14 @@ class Attention(nn.Module):
         c = self.cfg
         dtype = jnp.dtype(c.dtype)
         std = 0.02
-        dense = lambda feats, names, name: nn.DenseGeneral(  # noqa: E731
-            feats, use_bias=c.bias, dtype=dtype, param_dtype=jnp.float32, name=name,
-            kernel_init=_init(std, names), bias_init=_zeros(names[1:]))
-        q_BxTxNxH = dense((c.n_heads, c.head_dim), ("embed", "heads", "head_dim"), "query")(x_BxTxD)
-        k_BxTxKxH = dense((c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "key")(x_BxTxD)
-        v_BxTxKxH = dense((c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "value")(x_BxTxD)
+        query = HeadsProjection(c, c.n_heads, "heads", name="query")()
+        key = HeadsProjection(c, c.n_kv_heads, "kv_heads", name="key")()
+        value = HeadsProjection(c, c.n_kv_heads, "kv_heads", name="value")()
+        if c.n_kv_heads == c.n_heads:
+            q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = project(x_BxTxD, [query, key, value], dtype)
+        else:  # grouped-query: the key/value heads are fewer than the query heads
+            (q_BxTxNxH,) = project(x_BxTxD, [query], dtype)
+            k_BxTxKxH, v_BxTxKxH = project(x_BxTxD, [key, value], dtype)
         if c.positions == "rope":
             q_BxTxNxH = rotary(q_BxTxNxH, positions_BxT, c.rope_base)
             k_BxTxKxH = rotary(k_BxTxKxH, positions_BxT, c.rope_base)
