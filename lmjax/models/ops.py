@@ -1,7 +1,8 @@
 """Layer functions with hand-written backward passes (jax.custom_vjp), for training speed on CPU.
 
-Forward values are computed exactly as the plain formulas; only the gradients are written by
-hand, in fewer and larger steps than autodiff produces. On XLA:CPU that matters:
+Forward values are the plain formulas (attention scales the queries rather than the logits);
+the gradients are written by hand, in fewer and larger steps than autodiff produces. On
+XLA:CPU that matters:
 
 - `norm`: autodiff of LayerNorm leaves, per layer, a broadcast term that XLA adds into the
   residual-stream gradient; its fusion pass then recomputes the whole chain of these adds
