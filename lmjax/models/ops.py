@@ -14,6 +14,7 @@ XLA:CPU that matters:
   taken over the head dimension, sum(dO * O), not over the keys), every product in a
   batch-major layout in which no key x key matrix is ever transposed, and one saved key x
   key tensor per layer instead of two (a third less training memory on long contexts).
+  From 256 queries on, blocks of queries skip the keys they cannot see.
 
 Tensor names as in transformer.py: B batch, T queries, S keys, N query heads, K key/value
 heads, G = N / K query heads per key/value head, H head size, D width.
@@ -180,9 +181,22 @@ def _library_causal_attention(q, k, v, mask):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
 
 
+# Query rows per block of the CPU attention: long sequences are split into blocks of this many
+# queries, each multiplied only with the keys up to its last row, so the products skip most of
+# the masked upper triangle (a quarter of the work at 2 blocks, 7/16 at 8). Smaller blocks
+# than this make products too small to run fast on CPU (measured: T = 64, 128 gain nothing).
+QUERY_BLOCK = 128
+
+
 def _cpu_causal_attention(q, k, v, mask):
     t, s = q.shape[1], k.shape[1]
     causal = jnp.tril(jnp.ones((t, s), bool))[None, None]
     if mask is not None:
         causal = causal & mask
-    return _attention(q, k, v, causal, 1.0 / math.sqrt(q.shape[-1]))
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if t != s or t < 2 * QUERY_BLOCK:
+        return _attention(q, k, v, causal, scale)
+    blocks = t // QUERY_BLOCK
+    bounds = [(j * t // blocks, (j + 1) * t // blocks) for j in range(blocks)]
+    return jnp.concatenate([_attention(q[:, lo:hi], k[:, :hi], v[:, :hi], causal[:, :, lo:hi, :hi], scale)
+                            for lo, hi in bounds], axis=1)
