@@ -1,0 +1,142 @@
+"""Where a train step's time goes: per-op times from a jax.profiler trace, named by the XLA dump.
+
+    PYTHONPATH=$PWD python scripts/profile_step.py small --steps 5 --top 25
+
+Runs the real train step of a reference config (scripts/bench_train.py), traces a few steps,
+and joins each traced op with its instruction in XLA's optimized HLO (--xla_dump_to) to say
+what it is (matrix product, attention product, elementwise, reduction, copy/transpose) and
+where it comes from (forward, backward or optimizer; attention, MLP, norm). Each op counts
+with its fastest run over the traced steps, so other load on the machine matters less.
+
+The step runs with XLA:CPU's default settings, as in training (matrix products through
+YNNPACK). If XLA_FLAGS sends them to Eigen instead, their trace events do not cover the work:
+Eigen products finish asynchronously.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DUMP = tempfile.mkdtemp(prefix="lmjax_hlo_")
+os.environ["XLA_FLAGS"] = " ".join([
+    os.environ.get("XLA_FLAGS", ""), f"--xla_dump_to={DUMP}", "--xla_dump_hlo_as_text",
+    "--xla_dump_hlo_module_re=.*train_step.*"])
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$")
+
+
+def read_hlo(path: str) -> dict:
+    """Instruction name → (shape, kind, op_name metadata) for every top-level instruction."""
+    computations, current = {}, None
+    for line in open(path):
+        if not line.startswith(" ") and line.rstrip().endswith("{"):
+            current = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            computations[current] = []
+        elif current and line.startswith(" "):
+            computations[current].append(line)
+    ops = {}
+    for lines in computations.values():
+        for line in lines:
+            m = INSTRUCTION.match(line)
+            if not m:
+                continue
+            name, shape, op, rest = m.groups()
+            called = re.search(r"calls=%?([\w.\-]+)", rest)
+            body = computations.get(called.group(1), []) if called else []
+            body_ops = {INSTRUCTION.match(x).group(3) for x in body if INSTRUCTION.match(x)}
+            meta = re.search(r'op_name="([^"]*)"', rest)
+            ops[name] = (shape, kind(op, body_ops, rest + "".join(body)), meta.group(1) if meta else "")
+    return ops
+
+
+def kind(op: str, body_ops: set, text: str) -> str:
+    ops = body_ops | {op}
+    if op in ("while", "call", "conditional"):
+        return "control"
+    if "dot" in ops or "convolution" in ops:  # batched products are attention's
+        return "attention product" if "lhs_batch_dims" in text else "matrix product"
+    if ops & {"scatter", "gather"}:
+        return "gather/scatter"
+    if ops & {"reduce", "reduce-window"}:
+        return "reduction"
+    if ops <= {"fusion", "copy", "transpose", "bitcast", "parameter"}:
+        return "copy/transpose"
+    return "elementwise"
+
+
+def origin(op_name: str) -> str:
+    phase = "backward" if "transpose(jvp" in op_name else "forward" if "jvp(" in op_name else "optimizer/other"
+    part = next((p for p in ("attn", "mlp", "norm") if f"/{p}" in op_name), "")
+    return f"{phase} {part}".strip()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config", choices=["tiny", "small", "default"])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--kinds", nargs="*", help="list only top ops of these kinds, e.g. elementwise reduction")
+    a = ap.parse_args()
+
+    import jax
+    import numpy as np
+
+    import bench_train
+    from lmjax.train.loop import build_run
+    from lmjax.train.step import make_train_step
+
+    cfg, vocab = bench_train.reference_config(a.config)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = build_run(cfg, Path(tmp), vocab)
+    par = run.parallel
+    state = par.init_state(run.init_state, run.shardings, jax.random.PRNGKey(cfg.seed))
+    toks = np.random.default_rng(0).integers(0, vocab, (cfg.train.batch_size, cfg.data.seq_len + 1), dtype=np.int32)
+    batch = par.put_batch({"inputs": toks[:, :-1], "targets": toks[:, 1:]})
+    step = par.compile_step(partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum), run.shardings)
+    step = step.lower(state, batch).compile()
+    state, _ = step(state, batch)
+    trace_dir = tempfile.mkdtemp(prefix="lmjax_trace_")
+    with jax.profiler.trace(trace_dir):
+        for _ in range(a.steps):
+            state, m = step(state, batch)
+            jax.block_until_ready(m)
+
+    hlo = read_hlo(glob.glob(f"{DUMP}/*train_step*cpu_after_optimizations.txt")[0])
+    runs = collections.defaultdict(list)
+    profile = jax.profiler.ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0])
+    for plane in profile.planes:
+        for line in plane.lines:
+            for event in line.events:
+                if event.name in hlo and hlo[event.name][1] != "control":
+                    runs[event.name].append(event.duration_ns / 1e6)
+    per_step = {n: min(t) * max(1, round(len(t) / a.steps)) for n, t in runs.items()}
+    total = sum(per_step.values())
+    print(f"{a.config}: {len(per_step)} ops, {total:.1f} ms per step (sum of each op's fastest run)")
+    for title, key in (("by kind", lambda n: hlo[n][1]), ("by origin", lambda n: origin(hlo[n][2])),
+                       ("by origin and kind", lambda n: f"{origin(hlo[n][2])}: {hlo[n][1]}")):
+        groups = collections.Counter()
+        for n, t in per_step.items():
+            groups[key(n)] += t
+        print(title + ":")
+        for g, t in groups.most_common():
+            print(f"  {g:40} {t:9.2f} ms {t / total:6.1%}")
+    listed = [n for n in per_step if not a.kinds or hlo[n][1] in a.kinds]
+    print(f"top {a.top} ops{' of kinds ' + ', '.join(a.kinds) if a.kinds else ''} (HLO in {DUMP}):")
+    for n in sorted(listed, key=lambda n: -per_step[n])[:a.top]:
+        shape, k, meta = hlo[n]
+        print(f"  {per_step[n]:8.2f} ms  {k:18} {shape:34} {origin(meta):20} {n:28} {meta.split('/')[-1]}")
+
+
+if __name__ == "__main__":
+    main()
