@@ -133,11 +133,6 @@ def _attention(q, k, v, mask, scale):
     return _attention_forward(q, k, v, mask, scale)[0]
 
 
-def _attention_fwd(q, k, v, mask, scale):
-    out, residuals = _attention_forward(q, k, v, mask, scale)
-    return out, residuals
-
-
 def _attention_bwd(scale, residuals, dout_BxTxNxH):
     q, k, v, probs, out = residuals  # B,K,GT,H (scaled); B,K,S,H; B,K,S,H; B,K,GT,S (f32); B,K,GT,H (f32)
     b, kv, _, h = q.shape
@@ -158,7 +153,7 @@ def _attention_bwd(scale, residuals, dout_BxTxNxH):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention.defvjp(_attention_forward, _attention_bwd)  # the forward returns (output, residuals)
 
 
 def causal_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
