@@ -123,6 +123,17 @@ def main():
     per_step = {n: min(t) * max(1, round(len(t) / a.steps)) for n, t in runs.items()}
     total = sum(per_step.values())
     print(f"{a.config}: {len(per_step)} ops, {total:.1f} ms per step (sum of each op's fastest run)")
+    # The ceiling this step's matrix kernels allow: model FLOPs over the time of the products alone.
+    from lmjax.flops import flops_per_token
+    from lmjax.models.transformer import TransformerConfig
+
+    model_flops = flops_per_token(TransformerConfig.from_config(cfg.model, vocab, cfg.data.seq_len), cfg.data.seq_len) \
+        * cfg.train.batch_size * cfg.data.seq_len
+    products_ms = sum(t for n, t in per_step.items() if hlo[n][1] in ("matrix product", "attention product"))
+    peak = bench_train.matmul_peak()
+    print(f"model FLOPs per step {model_flops / 1e9:.2f} G; matmul peak {peak / 1e9:.0f} GFLOP/s (probe); "
+          f"MFU of this profile {model_flops / (total / 1e3) / peak:.1%}; if only the matrix and attention "
+          f"products ran ({products_ms:.1f} ms): {model_flops / (products_ms / 1e3) / peak:.1%}")
     for title, key in (("by kind", lambda n: hlo[n][1]), ("by origin", lambda n: origin(hlo[n][2])),
                        ("by origin and kind", lambda n: f"{origin(hlo[n][2])}: {hlo[n][1]}")):
         groups = collections.Counter()
