@@ -184,7 +184,7 @@ def main():
     print(f"jax {jax.__version__}, {os.cpu_count()} CPUs, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
           f"load average {os.getloadavg()[0]:.1f}")
     results = []
-    hdr = f"{'config':13} {'step ms':>8} {'min ms':>7} {'tok/s':>8} {'compile s':>9} {'GFLOP/s':>8} {'peak':>6} {'MFU':>6} {'MFUbest':>7} {'RSS GiB':>7}"
+    hdr = f"{'config':16} {'step ms':>8} {'min ms':>7} {'tok/s':>8} {'compile s':>9} {'GFLOP/s':>8} {'peak':>6} {'MFU':>6} {'MFUbest':>7} {'RSS GiB':>7}"
     print(hdr)
     trees = {"": ROOT} | ({"@baseline": a.baseline.resolve()} if a.baseline else {})
     for name in a.only:
@@ -195,12 +195,12 @@ def main():
         for label, rs in runs.items():
             r = {k: statistics.median(x[k] for x in rs) if isinstance(rs[0][k], float) else rs[0][k] for k in rs[0]}
             results.append({**r, "tree": str(trees[label]), "rounds": rs})
-            print(f"{name + label:13} {r['step_ms']:8.1f} {r['step_ms_min']:7.1f} {r['tokens_per_s']:8.0f} {r['compile_s']:9.2f} "
+            print(f"{name + label:16} {r['step_ms']:8.1f} {r['step_ms_min']:7.1f} {r['tokens_per_s']:8.0f} {r['compile_s']:9.2f} "
                   f"{r['gflops']:8.1f} {r['peak_gflops']:6.1f} {r['mfu']:6.1%} {r['mfu_best_step']:7.1%} {r['peak_rss_gib']:7.2f}",
                   flush=True)
         if a.baseline:
             ratios = [x["step_ms"] / b["step_ms"] for x, b in zip(runs[""], runs["@baseline"])]
-            print(f"{name:13} step time / baseline's, per round: {' '.join(f'{x:.3f}' for x in ratios)}; "
+            print(f"{name:16} step time / baseline's, per round: {' '.join(f'{x:.3f}' for x in ratios)}; "
                   f"median {statistics.median(ratios):.3f}; first-step loss {runs[''][0]['first_loss']:.6f} "
                   f"(baseline {runs['@baseline'][0]['first_loss']:.6f})", flush=True)
     if not a.no_compile_test:

@@ -63,35 +63,22 @@ def reference_attention(q, k, v, mask):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
 
 
-@pytest.mark.parametrize("heads,kv_heads,segments", [(4, 4, False), (4, 4, True), (4, 2, True), (4, 1, False)])
-def test_causal_attention_matches_reference(heads, kv_heads, segments):
-    b, t, h = 3, 12, 8
+@pytest.mark.parametrize("t,heads,kv_heads,segments", [
+    (12, 4, 4, False), (12, 4, 4, True), (12, 4, 2, True), (12, 4, 1, False),
+    # from 2 * QUERY_BLOCK queries on, query blocks: 2 even ones, 3 uneven ones with documents
+    (2 * ops.QUERY_BLOCK, 2, 2, False), (3 * ops.QUERY_BLOCK + 5, 4, 2, True)])
+def test_causal_attention_matches_reference(t, heads, kv_heads, segments):
+    b, h = 2, 8
     k = jax.random.split(jax.random.PRNGKey(1), 4)
     q = jax.random.normal(k[0], (b, t, heads, h))
     kk = jax.random.normal(k[1], (b, t, kv_heads, h))
     v = jax.random.normal(k[2], (b, t, kv_heads, h))
     dout = jax.random.normal(k[3], q.shape)
     mask = None
-    if segments:  # three documents of different lengths per row
-        seg = jnp.asarray(np.repeat([[0] * 5 + [1] * 4 + [2] * 3], b, 0))
+    if segments:  # three documents per row, the last one shorter
+        seg = jnp.asarray(np.repeat((np.arange(t) * 5 // (2 * t))[None], b, 0))
         mask = (seg[:, :, None] == seg[:, None, :])[:, None]
 
-    out, grads = value_and_grads(jax.jit(lambda q, k, v: ops.causal_attention(q, k, v, mask)), (q, kk, v), dout)
-    ref_out, ref_grads = value_and_grads(lambda q, k, v: reference_attention(q, k, v, mask), (q, kk, v), dout)
-    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
-    for g, r in zip(grads, ref_grads):
-        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("t,segments", [(2 * ops.QUERY_BLOCK, False), (3 * ops.QUERY_BLOCK + 5, True)])
-def test_blocked_causal_attention_matches_reference(t, segments):
-    """Long sequences run in query blocks (2 and 3 blocks, uneven): same values and gradients."""
-    k = jax.random.split(jax.random.PRNGKey(5), 4)
-    q, kk, v, dout = (jax.random.normal(k[i], (2, t, 2, 8)) for i in range(4))
-    mask = None
-    if segments:
-        seg = jnp.asarray(np.repeat((np.arange(t) * 3 // t)[None], 2, 0))
-        mask = (seg[:, :, None] == seg[:, None, :])[:, None]
     out, grads = value_and_grads(jax.jit(lambda q, k, v: ops.causal_attention(q, k, v, mask)), (q, kk, v), dout)
     ref_out, ref_grads = value_and_grads(lambda q, k, v: reference_attention(q, k, v, mask), (q, kk, v), dout)
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
