@@ -23,9 +23,6 @@ from orbax.checkpoint import checkpoint_managers as cm
 
 from lmjax.errors import UserError
 
-logging.getLogger("absl").setLevel(logging.ERROR)
-
-
 class _DropOrbaxErrorLogs(logging.Filter):
     """Orbax logs a failed background save with tracebacks before raising it to us; we report
     every such failure as one line (Checkpoints.save / wait), so its own logs are noise."""
@@ -39,9 +36,6 @@ class _DropOrbaxErrorLogs(logging.Filter):
         return True
 
 
-logging.getLogger("absl").addFilter(_DropOrbaxErrorLogs())
-
-
 def _ignore_closed_loop(hook):
     """TensorStore writes that finish after Orbax abandoned a failed save report to an asyncio
     loop that is already closed, printing one traceback each; the failure itself is reported."""
@@ -51,10 +45,21 @@ def _ignore_closed_loop(hook):
             return
         hook(unraisable)
 
+    unraisablehook.lmjax_quiet = True
     return unraisablehook
 
 
-sys.unraisablehook = _ignore_closed_loop(sys.unraisablehook)
+def _quiet_orbax() -> None:
+    """Installed when checkpoints are first used, not on import: absl's log level to ERROR
+    (Orbax logs INFO and WARNING lines through it), and the two filters above."""
+    absl_logger = logging.getLogger("absl")
+    if absl_logger.level < logging.ERROR:
+        absl_logger.setLevel(logging.ERROR)
+    if not any(isinstance(f, _DropOrbaxErrorLogs) for f in absl_logger.filters):
+        absl_logger.addFilter(_DropOrbaxErrorLogs())
+    if not getattr(sys.unraisablehook, "lmjax_quiet", False):
+        sys.unraisablehook = _ignore_closed_loop(sys.unraisablehook)
+
 
 TRASH = ".deleted"  # old checkpoints are renamed here (atomic), then removed
 
@@ -65,6 +70,7 @@ class CheckpointWriteError(UserError):
 
 class Checkpoints:
     def __init__(self, directory: str | Path, keep: int = 3, read_only: bool = False):
+        _quiet_orbax()
         self.directory = Path(directory).absolute()
         if read_only and not self.directory.is_dir():
             raise UserError(f"no checkpoints in {self.directory.parent}: it has no checkpoints/ directory; train first with `lmjax train EXPERIMENT.py --workdir {self.directory.parent}`")
