@@ -5,8 +5,8 @@ model needs, not what the hardware did: recomputation (model.remat) and the mask
 causal attention are not counted, so MFU ≤ hardware utilisation.
 
 The peak comes from, in order: train.peak_flops in the config; a table of accelerators keyed
-by `jax.Device.device_kind`; on CPU, a short float32 matmul probe measured once per machine
-and cached in the lmjax cache directory.
+by `jax.Device.device_kind`; on CPU, a short float32 matmul probe run at each start, of which
+the machine's best is kept in the lmjax cache directory.
 """
 
 from __future__ import annotations
@@ -113,18 +113,24 @@ def measure_matmul_flops(sizes: tuple[int, ...] = (256, 512), repeats: int = 8, 
 
 
 def measured_peak(device_kind: str, cache_dir: Path, measure=measure_matmul_flops) -> tuple[float, bool]:
-    """(machine FLOP/s, whether it came from the cache) for this device kind and core count."""
+    """(machine FLOP/s, whether an earlier probe was higher) for this device kind and core count.
+
+    The probe runs at every start (about half a second) and the machine's best is kept in the
+    cache: one probe taken while other jobs loaded the cores would otherwise stick as the peak
+    and put MFU above 100%.
+    """
     path = Path(cache_dir) / "peak_flops.json"
     key = f"{device_kind}|{os.cpu_count()} cores|float32 matmul"
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         cached = {}
-    if isinstance(cached.get(key), (int, float)) and cached[key] > 0:
-        return float(cached[key]), True
+    earlier = cached.get(key) if isinstance(cached.get(key), (int, float)) else 0.0
     value = measure()
+    if earlier >= value:
+        return float(earlier), True
     cached[key] = value
-    try:  # a cache we cannot write only costs a probe next time
+    try:  # a cache we cannot write only loses this probe's figure
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(cached, indent=2))
@@ -153,8 +159,8 @@ def peak_flops(device, dtype: str, override: float = 0.0, cache_dir: Path | None
     if found is not None:
         return Peak(found[1], f"table '{found[0]}' ({'bf16' if dtype == 'bfloat16' else 'float32'})")
     if device.platform == "cpu" and cache_dir is not None:
-        machine, cached = measured_peak(device.device_kind, cache_dir, measure)
-        how = "cached probe" if cached else "probe"
+        machine, earlier = measured_peak(device.device_kind, cache_dir, measure)
+        how = "best of this run's probe and earlier ones" if earlier else "probe"
         return Peak(machine / max(local_devices, 1), f"measured float32 matmul ({how}, {os.cpu_count()} cores)")
     return Peak(0.0, f"unknown device '{device.device_kind}': set train.peak_flops for MFU")
 
