@@ -42,9 +42,9 @@ def load_run(run_dir: str | Path, which: str = "latest"):
     check_tokenizer(ckpts, step, tokenizer, run_dir / "tokenizer")
     parallel = MeshParallel(_all_data_parallel())  # whatever layout it was saved from
     run = build_run(cfg, run_dir, tokenizer.vocab_size, parallel)
-    state = run.restore(ckpts, step)
+    params = run.restore_params(ckpts, step)
     ckpts.close()
-    return cfg, run, state.params, tokenizer, step
+    return cfg, run, params, tokenizer, step
 
 
 def _all_data_parallel():

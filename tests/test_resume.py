@@ -13,6 +13,11 @@ def _final_params(run_dir, vocab_size, cfg):
     run = build_run(cfg, run_dir, vocab_size)
     ckpts = Checkpoints(run_dir / "checkpoints", read_only=True)
     state = run.restore(ckpts, ckpts.latest_step())
+    # eval and sample read the parameters alone (no optimizer moments): the same values
+    params_only = run.restore_params(ckpts, ckpts.latest_step())
+    assert jax.tree.structure(params_only) == jax.tree.structure(state.params)
+    for x, y in zip(jax.tree.leaves(params_only), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(x, y)
     return jax.device_get(state.params), int(state.step)
 
 

@@ -63,6 +63,11 @@ class Run:
         target = self.parallel.restore_target(self.abstract_state(), self.shardings)
         return self.parallel.from_restored(ckpts.restore_state(step, target))
 
+    def restore_params(self, ckpts: Checkpoints, step: int):
+        """Only the parameters at `step`, laid out as in training (for eval and sample)."""
+        target = self.parallel.restore_target(self.abstract_state().params, self.shardings.params)
+        return self.parallel.from_restored(ckpts.restore_params(step, target))
+
 
 def build_run(cfg, run_dir: Path, vocab_size: int, parallel=None) -> Run:
     parallel = parallel or build_parallel(cfg.parallel)
