@@ -30,6 +30,8 @@ DUMP = tempfile.mkdtemp(prefix="lmjax_hlo_")
 os.environ["XLA_FLAGS"] = " ".join([
     os.environ.get("XLA_FLAGS", ""), f"--xla_dump_to={DUMP}", "--xla_dump_hlo_as_text",
     "--xla_dump_hlo_module_re=.*train_step.*"])
+# A persistent-cache hit compiles nothing and so dumps no HLO: this process always compiles.
+os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 

@@ -1,0 +1,37 @@
+"""The benchmark and profiling scripts run (tiny sizes) and print what their docstrings promise."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(*args: str, timeout: int = 300) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_train_against_a_baseline_checkout():
+    # This checkout as its own baseline: same code, so same first-step loss on both sides.
+    out = run_script("scripts/bench_train.py", "--only", "tiny", "--steps", "2", "--no-compile-test",
+                     "--baseline", str(ROOT))
+    lines = out.splitlines()
+    assert any(line.startswith("tiny@baseline ") for line in lines), out
+    ratio = next(line for line in lines if "step time / baseline's" in line)
+    loss = ratio.split("first-step loss ")[1]
+    assert loss.split(" (baseline ")[0] == loss.split(" (baseline ")[1].rstrip(")"), ratio
+
+
+@pytest.mark.slow
+def test_profile_step_names_where_the_time_goes():
+    out = run_script("scripts/profile_step.py", "tiny", "--steps", "1", "--top", "3")
+    assert "matrix product" in out and "by origin" in out and "if only the matrix and attention products ran" in out, out
