@@ -39,6 +39,11 @@ REFERENCE = {
     "small": ({"n_layers": 6, "n_heads": 6, "d_model": 384}, 256, 16, 257),
     "default": None,
 }
+# Not in the default set: 'small' with LLaMA's options (--only small_llama).
+EXTRA = {
+    "small_llama": ({"n_layers": 6, "n_heads": 6, "n_kv_heads": 2, "d_model": 384, "positions": "rope",
+                     "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "tie_embeddings": False}, 256, 16, 257),
+}
 COMPILE_LAYERS = (2, 24)  # scan_layers=True, tiny shape: compile time should barely grow
 
 
@@ -50,7 +55,7 @@ def reference_config(name: str, n_layers: int | None = None, scan: bool | None =
         cfg = config_lib.load_experiment(ROOT / "experiments" / "default.py")
         vocab = 257  # byte tokenizer
     else:
-        model, seq_len, batch, vocab = REFERENCE[name]
+        model, seq_len, batch, vocab = {**REFERENCE, **EXTRA}[name]
         cfg = config_lib.base_config()
         for k, v in model.items():
             cfg.model[k] = v
@@ -152,7 +157,7 @@ def run_worker(args: list[str], tree: Path = ROOT) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="*", default=list(REFERENCE), help="configs to run")
+    ap.add_argument("--only", nargs="*", default=list(REFERENCE), choices=[*REFERENCE, *EXTRA], help="configs to run")
     ap.add_argument("--steps", type=int, default=40, help="timed steps per config (after compilation)")
     ap.add_argument("--no-compile-test", action="store_true", help="skip the 2 vs 24 layer compile test")
     ap.add_argument("--json", help="also write all figures to this file")

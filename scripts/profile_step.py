@@ -84,8 +84,10 @@ def origin(op_name: str) -> str:
 
 
 def main():
+    import bench_train
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("config", choices=["tiny", "small", "default"])
+    ap.add_argument("config", choices=[*bench_train.REFERENCE, *bench_train.EXTRA])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--kinds", nargs="*", help="list only top ops of these kinds, e.g. elementwise reduction")
@@ -94,7 +96,6 @@ def main():
     import jax
     import numpy as np
 
-    import bench_train
     from lmjax.train.loop import build_run
     from lmjax.train.step import make_train_step
 
