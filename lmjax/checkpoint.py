@@ -168,7 +168,7 @@ class Checkpoints:
     def restore_params(self, step: int, target: Any) -> Any:
         """Restore only the parameters of the state at `step` onto `target` (ShapeDtypeStructs
         with shardings): eval and sample read no optimizer moments (2x the parameters' memory)."""
-        restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)  # shapes, dtypes, shardings
         try:
             with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
                 restored = reader.restore(self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(

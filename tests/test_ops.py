@@ -86,9 +86,10 @@ def test_causal_attention_matches_reference(t, heads, kv_heads, segments):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
 
 
-def test_causal_attention_bfloat16_close_to_float32():
+@pytest.mark.parametrize("t", [16, 2 * ops.QUERY_BLOCK])  # one block, and query blocks
+def test_causal_attention_bfloat16_close_to_float32(t):
     k = jax.random.split(jax.random.PRNGKey(2), 4)
-    q, kk, v, dout = (jax.random.normal(k[i], (2, 16, 2, 8)) for i in range(4))
+    q, kk, v, dout = (jax.random.normal(k[i], (2, t, 2, 8)) for i in range(4))
     f = lambda q, k, v: ops.causal_attention(q, k, v)  # noqa: E731
     out32, g32 = value_and_grads(f, (q, kk, v), dout)
     low = tuple(x.astype(jnp.bfloat16) for x in (q, kk, v))

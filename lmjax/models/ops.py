@@ -1,4 +1,6 @@
-"""Layer functions with hand-written backward passes (jax.custom_vjp), for training speed on CPU.
+"""Layer functions with hand-written backward passes (jax.custom_vjp), written for training
+speed on XLA:CPU. The norm and GELU apply on every platform (reverse-mode autodiff only: jvp
+through them is not defined); attention's hand-written version runs on CPU only.
 
 Forward values are the plain formulas (attention scales the queries rather than the logits);
 the gradients are written by hand, in fewer and larger steps than autodiff produces. On
@@ -55,17 +57,17 @@ def norm(x_BxTxD: Array, scale_D: Array, bias_D: Array | None, eps: float, cente
 
 def _norm_fwd(x, scale, bias, eps, center):
     y, xhat, r = _norm_forward(x, scale, bias, eps, center)
-    return y, (xhat, r, scale, bias is not None)
+    return y, (xhat, r, scale, bias)
 
 
 def _norm_bwd(eps, center, residuals, dy):
-    xhat, r, scale, has_bias = residuals
+    xhat, r, scale, bias = residuals
     g = dy * scale
     dx = g - xhat * (g * xhat).mean(-1, keepdims=True)
     if center:
         dx = dx - g.mean(-1, keepdims=True)
     rows = tuple(range(dy.ndim - 1))
-    return dx * r, (dy * xhat).sum(rows), (dy.sum(rows) if has_bias else None)
+    return dx * r, (dy * xhat).sum(rows), (None if bias is None else dy.sum(rows))
 
 
 norm.defvjp(_norm_fwd, _norm_bwd)
@@ -165,8 +167,8 @@ def causal_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
     float32 whatever the input dtype.
 
     The platform is chosen when the step is compiled: on CPU the hand-written gradient
-    below; on GPU and TPU jax.nn.dot_product_attention, which uses cuDNN's fused attention
-    on NVIDIA GPUs where it applies.
+    below; on GPU and TPU jax.nn.dot_product_attention with its default implementation
+    (XLA's, in jax 0.10: it does not pick cuDNN's fused kernel by itself).
     """
     return jax.lax.platform_dependent(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS,
                                       cpu=_cpu_causal_attention, default=_library_causal_attention)
@@ -177,10 +179,11 @@ def _library_causal_attention(q, k, v, mask):
 
 
 # Query rows per block of the CPU attention: long sequences are split into blocks of this many
-# queries, each multiplied only with the keys up to its last row, so the products skip most of
-# the masked upper triangle (a quarter of the work at 2 blocks, 7/16 at 8). Smaller blocks
+# queries (at most MAX_QUERY_BLOCKS blocks), each multiplied only with the keys up to its last
+# row, so the products skip most of the masked upper triangle (a quarter at 2 blocks). Smaller blocks
 # than this make products too small to run fast on CPU (measured: T = 64, 128 gain nothing).
 QUERY_BLOCK = 128
+MAX_QUERY_BLOCKS = 8  # 7/16 of the products skipped at 8; more blocks only grow the program
 
 
 def _cpu_causal_attention(q, k, v, mask):
@@ -191,7 +194,7 @@ def _cpu_causal_attention(q, k, v, mask):
     scale = 1.0 / math.sqrt(q.shape[-1])
     if t != s or t < 2 * QUERY_BLOCK:
         return _attention(q, k, v, causal, scale)
-    blocks = t // QUERY_BLOCK
+    blocks = min(t // QUERY_BLOCK, MAX_QUERY_BLOCKS)
     bounds = [(j * t // blocks, (j + 1) * t // blocks) for j in range(blocks)]
     return jnp.concatenate([_attention(q[:, lo:hi], k[:, :hi], v[:, :hi], causal[:, :, lo:hi, :hi], scale)
                             for lo, hi in bounds], axis=1)

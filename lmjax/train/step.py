@@ -50,8 +50,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
     """Build `train_step(state, batch) -> (state, metrics)`.
 
     The loss is token-weighted over the whole global batch: gradients of the summed NLL are
-    summed over micro-batches (a `lax.scan` inside the step when grad_accum > 1) and over devices (`psum` when
-    `axis_name` names a pmap axis), then divided by the total number of targets.
+    summed over micro-batches (a `lax.scan` inside the step when grad_accum > 1) and over
+    devices (`psum` when `axis_name` names a pmap axis), then divided by the total number of
+    targets.
     """
 
     def nll_sum(params, micro, rng):
@@ -66,15 +67,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
         if axis_name is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
-        def accumulate(carry, xs):
-            i, mb = xs
-            (nll, count), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-            total_nll, total_count, total_g = carry
-            return (total_nll + nll, total_count + count, jax.tree.map(jnp.add, total_g, g)), None
-
         if grad_accum == 1:  # no loop: XLA fuses across it and keeps no gradient accumulator
             (nll, count), grads = grad_fn(state.params, batch, jax.random.fold_in(rng, 0))
         else:
+            def accumulate(carry, xs):
+                i, mb = xs
+                (nll, count), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+                total_nll, total_count, total_g = carry
+                return (total_nll + nll, total_count + count, jax.tree.map(jnp.add, total_g, g)), None
+
             # Micro-batch i takes rows i, i + accum, ...: each device's block of rows feeds every
             # micro-batch, so accumulation moves no data between devices.
             micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
