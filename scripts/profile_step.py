@@ -109,15 +109,15 @@ def main():
     step = par.compile_step(partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum), run.shardings)
     step = step.lower(state, batch).compile()
     state, _ = step(state, batch)
-    trace_dir = tempfile.mkdtemp(prefix="lmjax_trace_")
-    with jax.profiler.trace(trace_dir):
-        for _ in range(a.steps):
-            state, m = step(state, batch)
-            jax.block_until_ready(m)
+    with tempfile.TemporaryDirectory(prefix="lmjax_trace_") as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for _ in range(a.steps):
+                state, m = step(state, batch)
+                jax.block_until_ready(m)
+        profile = jax.profiler.ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0])
 
     hlo = read_hlo(glob.glob(f"{DUMP}/*train_step*cpu_after_optimizations.txt")[0])
     runs = collections.defaultdict(list)
-    profile = jax.profiler.ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0])
     for plane in profile.planes:
         for line in plane.lines:
             for event in line.events:
