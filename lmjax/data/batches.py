@@ -136,4 +136,7 @@ class Prefetcher:
             yield step, item
 
     def close(self) -> None:
+        """Stop and wait for the thread: one still inside JAX or numpy when the interpreter
+        exits is killed mid-call, which aborts the process (SIGABRT, seen after a SIGTERM save)."""
         self._stop.set()
+        self._thread.join(timeout=60)
