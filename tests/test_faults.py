@@ -634,18 +634,21 @@ def test_tokenizer_that_does_not_match_checkpoint(reference, tmp_path, capsys):
     assert tree_hash(run / "checkpoints") == before
 
 
-def _corrupt_largest_file(step_dir: Path) -> Path:
-    target = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    data = bytearray(target.read_bytes())
-    for i in range(100, len(data), 97):
-        data[i] ^= 0xFF
-    target.write_bytes(bytes(data))
-    return target
+def _corrupt_data_files(step_dir: Path) -> None:
+    """Flip bytes in every OCDBT data file of the state: which file holds the parameters varies
+    from run to run, and eval reads the parameters alone."""
+    targets = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert targets, f"no OCDBT data files under {step_dir / 'state'}"
+    for target in targets:
+        data = bytearray(target.read_bytes())
+        for i in range(100, len(data), 97):
+            data[i] ^= 0xFF
+        target.write_bytes(bytes(data))
 
 
 def test_corrupted_checkpoint_is_named_and_previous_offered(experiment, reference, tmp_path, capsys):
     run = _copy_run(reference, tmp_path / "run")
-    _corrupt_largest_file(run / "checkpoints" / str(STEPS))
+    _corrupt_data_files(run / "checkpoints" / str(STEPS))
     before = tree_hash(run / "checkpoints")
     code, _, err = _cli(["eval", run], capsys)
     _user_error(code, err, f"checkpoint {run / 'checkpoints' / str(STEPS)} is corrupted or incomplete: cannot read ",
