@@ -228,13 +228,25 @@ def unreadable_part(error: BaseException) -> str:
     return f"cannot read {files[-1]} ({kind})" if files else f"it cannot be read ({kind})"
 
 
+# absl status codes TensorStore reports for a failed write with no OS error text: absl maps
+# EFBIG to OUT_OF_RANGE, ENOSPC to RESOURCE_EXHAUSTED, EACCES to PERMISSION_DENIED.
+_STATUS_REASONS = {"OUT_OF_RANGE": "File too large", "RESOURCE_EXHAUSTED": "No space left on device",
+                   "PERMISSION_DENIED": "Permission denied"}
+
+
 def write_error(error: BaseException) -> str:
     """The operating system's reason in an Orbax / TensorStore write failure, and the file."""
-    text = str(error)
     if isinstance(error, OSError) and error.strerror:
         return f"{error.strerror} ({error.filename})" if error.filename else error.strerror
+    texts = []
+    while error is not None and len(texts) < 10:  # the reason may sit in a cause down the chain
+        texts.append(str(error))
+        error = error.__cause__ or error.__context__
+    text = "\n".join(texts)
     reason = re.search(r"([A-Z][\w ]+) \[os_error_code='?\d+'?\]", text)
-    file = re.search(r'Failed writing: "([^"]+)"', text)
-    if reason:
-        return reason.group(1) + (f" writing {file.group(1)}" if file else "")
-    return text.splitlines()[0][:300] if text else type(error).__name__
+    file = re.search(r'Failed writing: "([^"]+)"', text) or re.search(r'Error writing "([^"]+)"', text)
+    status = re.match(r"([A-Z_]+): ", text)
+    if reason or (status and status.group(1) in _STATUS_REASONS):
+        why = reason.group(1) if reason else _STATUS_REASONS[status.group(1)]
+        return why + (f" writing {file.group(1)}" if file else "")
+    return text.splitlines()[0][:300] if text else "unknown error"

@@ -730,3 +730,19 @@ lmjax.checkpoint.Checkpoints({str(tmp_path / 'ckpt2')!r})
 assert len(absl.filters) == 1, "installed twice"
 """
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_write_error_names_the_reason_of_tensorstore_status_only_failures():
+    """A file-size limit hit while OCDBT flushed metadata came back as an absl status with no
+    OS error text (seen in CI); absl maps EFBIG to OUT_OF_RANGE."""
+    from lmjax.checkpoint import write_error
+
+    seen = ('OUT_OF_RANGE: Error opening "zarr" driver: Error writing "opt_state.1.0.mu.block_1.mlp.fc.kernel/.zarray" '
+            'in OCDBT database at local file "/run/checkpoints/2.orbax-checkpoint-tmp/state/ocdbt.process_0/": Failed writin')
+    assert write_error(ValueError(seen)) == "File too large writing opt_state.1.0.mu.block_1.mlp.fc.kernel/.zarray"
+    inner = ValueError('UNKNOWN: Error writing local file "/c/d/x": File too large [os_error_code=27]')
+    try:  # the reason in a cause down the chain
+        raise RuntimeError("save failed") from inner
+    except RuntimeError as e:
+        assert write_error(e) == "File too large"
+    assert write_error(OSError(28, "No space left on device", "/c/f")) == "No space left on device (/c/f)"
