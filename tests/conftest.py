@@ -61,6 +61,25 @@ def tiny_config(corpus_dir: Path, **overrides):
     return c
 
 
+def losses_on_one_batch(model, params, tokens_BxT1, lr: float, steps: int) -> list[float]:
+    """Losses of `steps` real train steps (Adam, dropout as configured) on one fixed batch;
+    tokens_BxT1 holds inputs and their next-token targets."""
+    import jax
+    import optax
+
+    from lmjax.train.step import create_state, make_train_step
+
+    tx = optax.adam(lr)
+    batch = {"inputs": tokens_BxT1[:, :-1], "targets": tokens_BxT1[:, 1:]}
+    state = create_state(params, tx, jax.random.PRNGKey(3))
+    step = jax.jit(make_train_step(model, tx, lambda s: lr))
+    losses = []
+    for _ in range(steps):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    return losses
+
+
 def run_cli(args: list[str], cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
     """Run `python -m lmjax.cli ARGS` in a subprocess; return the CompletedProcess."""
     import subprocess

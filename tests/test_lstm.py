@@ -8,13 +8,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from conftest import tiny_config
+from conftest import losses_on_one_batch, tiny_config
 
 from lmjax.config import base_config
 from lmjax.models import build_model
 from lmjax.models.lstm import LSTMLanguageModel
-from lmjax.train.step import create_state, make_train_step
 
 VOCAB, T = 53, 12
 
@@ -60,15 +58,8 @@ def test_shape_causality_and_learning_with_dropout():
         np.testing.assert_array_equal(logits[j, :j], logits[T, :j])
         assert np.abs(logits[j, j] - logits[T, j]).max() > 1e-5
 
-    tx = optax.adam(5e-2)
     toks = jnp.asarray(np.random.default_rng(2).integers(0, VOCAB, (4, T + 1)), jnp.int32)
-    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
-    state = create_state(params, tx, jax.random.PRNGKey(3))
-    step = jax.jit(make_train_step(model, tx, lambda s: 5e-2))
-    losses = []
-    for _ in range(30):
-        state, m = step(state, batch)
-        losses.append(float(m["loss"]))
+    losses = losses_on_one_batch(model, params, toks, 5e-2, 30)
     assert losses[-1] < 0.7 * losses[0], losses
 
 

@@ -8,10 +8,10 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import losses_on_one_batch
 from lmjax.config import base_config
 from lmjax.models import build_model
 from lmjax.models.transformer import rotary, stack_layers, unstack_layers
-from lmjax.train.step import create_state, make_train_step
 
 VOCAB, T = 61, 16
 
@@ -76,15 +76,7 @@ def test_option_shape_causality_and_learning(opts):
         assert np.abs(logits[j, j] - logits[T, j]).max() > 1e-4, f"changing token {j} did not change its logits"
 
     # Learning: the real train step (dropout on) on one fixed batch.
-    tx = optax.adam(1e-2)
-    batch_tokens = tokens((4, T + 1), seed=2)
-    batch = {"inputs": batch_tokens[:, :-1], "targets": batch_tokens[:, 1:]}
-    state = create_state(params, tx, jax.random.PRNGKey(3))
-    step = jax.jit(make_train_step(model, tx, lambda s: 1e-2))
-    losses = []
-    for _ in range(20):
-        state, m = step(state, batch)
-        losses.append(float(m["loss"]))
+    losses = losses_on_one_batch(model, params, tokens((4, T + 1), seed=2), 1e-2, 20)
     assert np.isfinite(losses).all()
     assert losses[-1] < 0.7 * losses[0], losses
 
