@@ -299,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.command} takes no --config overrides; it uses what the run saved")
     if args.command == "eval" and any(not o.startswith("--config.data.") for o in overrides):
         parser.error("eval takes only --config.data.KEY=VALUE overrides (with --data)")
+    if called_as_program and args.command in ("train", "eval", "sample"):
+        from lmjax import scratch_cache
+
+        scratch_cache.use_in_this_process()  # re-executes once with the library preloaded
     try:
         return COMMANDS[args.command](args, overrides)
     except UserError as e:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmjax import default_cache_dir
 from lmjax.data.tokenizers import Tokenizer
 from lmjax.errors import UserError
 
@@ -51,7 +52,7 @@ class TokenSplit:
 
 
 def cache_root(data_cfg) -> Path:
-    return Path(data_cfg.cache_dir or os.environ.get("LMJAX_CACHE") or Path.home() / ".cache" / "lmjax")
+    return Path(data_cfg.cache_dir) if data_cfg.cache_dir else default_cache_dir()
 
 
 def cache_key(dataset_fingerprint: str, tokenizer: Tokenizer) -> str:

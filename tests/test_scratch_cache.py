@@ -1,0 +1,96 @@
+"""lmjax.scratch_cache: large freed blocks stay mapped for the next request of their size, so
+XLA:CPU's per-step scratch memory is not faulted in again at every step."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import ROOT
+from lmjax import scratch_cache
+
+pytestmark = pytest.mark.skipif(scratch_cache.library() is None, reason="needs Linux with glibc and a C compiler")
+
+# Each line of output is one check, made in a process with the library preloaded.
+ALLOCATIONS = textwrap.dedent("""
+    import ctypes, json
+    libc = ctypes.CDLL(None)
+    MiB = 1 << 20
+
+    def alloc(n, alignment=64):
+        p = ctypes.c_void_p()
+        code = libc.posix_memalign(ctypes.byref(p), ctypes.c_size_t(alignment), ctypes.c_size_t(n))
+        if code == 0:
+            ctypes.memset(p, 1, n)  # touch every page
+        return p.value if code == 0 else -code
+
+    def free(p):
+        libc.free(ctypes.c_void_p(p))
+
+    def resident():
+        return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+    a = alloc(64 * MiB); free(a)
+    b = alloc(64 * MiB)
+    print(json.dumps({"freed block handed back": b == a}))
+    c = alloc(64 * MiB)  # while b is in use: a second block
+    print(json.dumps({"second block while the first is in use": c not in (a, 0) and c > 0}))
+    before = resident(); free(b)
+    print(json.dumps({"a block whose size is mapped twice is unmapped when freed": before - resident() > 60 * MiB}))
+    free(c)
+    print(json.dumps({"the remaining one is kept": alloc(64 * MiB) == c}))
+    free(c)
+    before = resident(); d = alloc(32 * MiB)
+    print(json.dumps({"a new size releases idle blocks first": before - resident() > 30 * MiB}))
+    free(d)
+    small = alloc(100_000); free(small)
+    print(json.dumps({"small blocks go to glibc": small > 0}))
+    print(json.dumps({"bad alignment is EINVAL": alloc(64 * MiB, alignment=24) == -22}))
+""")
+
+
+def test_allocator_keeps_one_block_per_size():
+    env = {**os.environ, "LD_PRELOAD": str(scratch_cache.library())}
+    r = subprocess.run([sys.executable, "-c", ALLOCATIONS], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    checks = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(checks) == 7, r.stdout
+    for check in checks:
+        assert all(check.values()), check
+
+
+def test_reexecutes_once_with_the_library_and_keeps_it_from_children():
+    code = ("import os, subprocess, sys; from lmjax import scratch_cache as s; pid = os.getpid(); "
+            "s.use_in_this_process(); "
+            "child = subprocess.run([sys.executable, '-c', 'from lmjax import scratch_cache as s; print(s.active())'], "
+            "capture_output=True, text=True).stdout.strip(); "
+            "print(s.active(), pid == os.getpid(), child, 'scratch_cache' in os.environ.get('LD_PRELOAD', ''))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["True", "True", "False", "False"]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                       env={**os.environ, "LMJAX_SCRATCH_CACHE": "0"})
+    assert r.stdout.split() == ["False", "True", "False", "False"], r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_train_step_stops_faulting_in_its_scratch_memory():
+    """The real train step of the default experiment's shape (100 MiB of scratch), with and without."""
+    runs = {}
+    for setting in ("1", "0"):
+        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--worker", "default", "--steps", "6"],
+                           env={**os.environ, "LMJAX_SCRATCH_CACHE": setting, "PYTHONPATH": str(ROOT)},
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs[setting] = json.loads(r.stdout.strip().splitlines()[-1])
+    on, off = runs["1"], runs["0"]
+    assert on["scratch_cache"] and not off["scratch_cache"]
+    assert off["faults_per_step"] > 10_000  # 100 MiB of 4 KiB pages, zeroed again at every step
+    assert on["faults_per_step"] < off["faults_per_step"] / 20
+    assert on["first_loss"] == off["first_loss"]
+    assert on["peak_rss_gib"] < off["peak_rss_gib"] + 0.1  # one 100 MiB block per size stays mapped, not more
