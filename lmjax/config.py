@@ -101,6 +101,9 @@ def base_config() -> ConfigDict:
     c.train.resume = True  # resume from the latest checkpoint in the workdir
     c.train.peak_flops = 0.0  # per device, for MFU; 0 = table or a measured probe
     c.train.profile_steps = 0  # >0: trace this many steps with jax.profiler
+    # Queue step k+1 before step k ends: auto | on | off. auto = on, except on CPU with
+    # lmjax.scratch_cache loaded: one step at a time lets XLA reuse its scratch memory.
+    c.train.dispatch_ahead = "auto"
     c.train.tensorboard = True
     c.train.wandb = False
 
@@ -134,7 +137,7 @@ def base_config() -> ConfigDict:
 RESUME_SAFE_PREFIXES = (
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.save_every", "train.keep", "train.on_nan", "train.resume", "train.peak_flops",
-    "train.profile_steps", "train.tensorboard", "train.wandb",
+    "train.profile_steps", "train.dispatch_ahead", "train.tensorboard", "train.wandb",
     "parallel.", "eval.", "sample.", "data.num_proc", "data.cache_dir",
 )
 
@@ -262,6 +265,7 @@ def validate(cfg: ConfigDict) -> None:
         "optim.name": ("adamw", "sgd"),
         "optim.schedule": ("cosine", "constant", "step"),
         "train.on_nan": ("halt", "skip"),
+        "train.dispatch_ahead": ("auto", "on", "off"),
         "parallel.strategy": ("auto", "single", "pmap", "mesh"),
     }
     for key, allowed in choices.items():

@@ -3,6 +3,7 @@
 import json
 
 from conftest import run_cli, write_experiment
+from lmjax import scratch_cache
 
 
 def test_train_resume_eval_sample(corpus_dir, tmp_path):
@@ -12,11 +13,16 @@ def test_train_resume_eval_sample(corpus_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "run directory" in r.stdout and (work / "config.json").is_file()
     assert json.loads((work / "config.json").read_text())["train"]["steps"] == 4
+    kept = "kept mapped" if scratch_cache.library() else "not kept"
+    assert f"CPU: one step at a time (train.dispatch_ahead=auto); XLA scratch memory {kept} between steps" in r.stdout
 
-    r = run_cli(["train", str(exp), "--workdir", str(work), "--config.train.steps=6"])
+    # Resumed with the other CPU settings (both may change on resume).
+    r = run_cli(["train", str(exp), "--workdir", str(work), "--config.train.steps=6", "--config.train.dispatch_ahead=on"],
+                env={"LMJAX_SCRATCH_CACHE": "0"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming from checkpoint at step 4" in r.stdout
     assert "train.steps: 4 -> 6" in r.stdout
+    assert "CPU: next step queued ahead (train.dispatch_ahead=on); XLA scratch memory not kept" in r.stdout
 
     r = run_cli(["eval", str(work)])
     assert r.returncode == 0, r.stderr[-2000:]

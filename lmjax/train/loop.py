@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmjax import config as config_lib
+from lmjax import scratch_cache
 from lmjax.checkpoint import Checkpoints
 from lmjax.data import Data, prepare
 from lmjax.data.batches import Prefetcher, TrainBatches, heldout_subset
@@ -217,6 +218,17 @@ def check_resume(cfg, ckpts: Checkpoints, step: int, log) -> None:
         log(f"resume: config change allowed: {line}")
 
 
+def dispatch_ahead(setting: str, backend: str, scratch_kept: bool) -> bool:
+    """Whether to queue the next step before the current one ends (train.dispatch_ahead).
+
+    On an accelerator the host then prepares step k+1 while the device runs step k. On CPU,
+    XLA allocates a queued step's scratch memory while the running step still holds its own,
+    so a kept block (lmjax.scratch_cache) is never free when asked for, and every page is
+    faulted in and zeroed again at every step: "auto" runs one step at a time there.
+    """
+    return setting == "on" or (setting == "auto" and not (backend == "cpu" and scratch_kept))
+
+
 def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at: int | None = None) -> dict:
     """Train (or resume) the experiment `cfg` in `workdir`; return the final figures.
 
@@ -269,6 +281,11 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at:
     say(f"steps {start} → {total}, {batch} x {seq_len} = {batch * seq_len:,} tokens per step; {parallel.describe()}")
     utilisation = Utilisation.for_run(cfg, run.model, parallel)
     say(utilisation.describe())
+    ahead = dispatch_ahead(cfg.train.dispatch_ahead, jax.default_backend(), scratch_cache.active())
+    if jax.default_backend() == "cpu":
+        kept = "kept mapped" if scratch_cache.active() else "not kept (LMJAX_SCRATCH_CACHE=0, or no glibc or C compiler)"
+        say(f"CPU: {'one step at a time' if not ahead else 'next step queued ahead'} (train.dispatch_ahead="
+            f"{cfg.train.dispatch_ahead}); XLA scratch memory {kept} between steps")
 
     batches = TrainBatches(data.train, seq_len, batch, cfg.data.seed, *parallel.process_block, cfg.data.document_mask)
     eval_batches = heldout_subset(data.heldout, seq_len, batch // cfg.train.grad_accum, cfg.train.eval_batches,
@@ -332,6 +349,9 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at:
 
             for step, device_batch in prefetch:
                 trace.before(step)
+                if not ahead and pending is not None:
+                    finish(pending)
+                    pending = None
                 state, metrics = step_fn(state, device_batch)
                 done = step + 1
                 if pending is not None:
