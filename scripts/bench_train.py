@@ -15,6 +15,10 @@ same process, so the MFU ratio compares figures taken under the same load.
 that session's autogroup (Linux; root), so that other jobs' processes on the same cores
 disturb the timings less. It changes no result, only how much of the CPU the benchmark gets.
 
+Workers run as `lmjax train` does: with lmjax.scratch_cache preloaded (column "scratch"; set
+LMJAX_SCRATCH_CACHE=0 to time without it) and one step at a time. Column "faults" is the minor
+page faults per timed step: pages of fresh memory the kernel had to map and zero.
+
 Synthetic uniform tokens stand in for data: speed does not depend on the token values.
 """
 
@@ -125,12 +129,14 @@ def worker(name: str, steps: int, n_layers: int | None, scan: bool | None, compi
     state, m = compiled(state, batches[0])  # first run: allocations, thread pools
     first_loss = float(m["loss"])
     times, cpu_times = [], []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for i in range(steps):
         t, c = time.perf_counter(), time.process_time()
         state, m = compiled(state, batches[i % len(batches)])
         jax.block_until_ready(m["loss"])
         times.append(time.perf_counter() - t)
         cpu_times.append(time.process_time() - c)  # CPU seconds of all threads: robust to other load
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps  # pages the kernel zeroed
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
     peak = matmul_peak()  # after the peak memory is read: the probe's 48 MiB is not the step's
 
@@ -142,8 +148,17 @@ def worker(name: str, steps: int, n_layers: int | None, scan: bool | None, compi
         seq_len=seq_len, batch=batch, vocab=vocab, d_model=model_cfg.d_model, first_loss=first_loss,
         step_ms=1e3 * step_s, step_ms_min=1e3 * min(times), cpu_ms=1e3 * statistics.median(cpu_times), tokens_per_s=batch * seq_len / step_s,
         flops_per_token=fpt, gflops=flops / 1e9, peak_gflops=peak / 1e9, mfu=flops / peak,
-        mfu_best_step=fpt * batch * seq_len / min(times) / peak, peak_rss_gib=rss_gib)
+        mfu_best_step=fpt * batch * seq_len / min(times) / peak, peak_rss_gib=rss_gib, faults_per_step=faults,
+        scratch_cache=scratch_cache_active())
     return out
+
+
+def scratch_cache_active() -> bool:
+    try:
+        from lmjax import scratch_cache
+    except ImportError:  # a --baseline checkout from before lmjax.scratch_cache
+        return False
+    return scratch_cache.active()
 
 
 def run_worker(args: list[str], tree: Path = ROOT) -> dict:
@@ -180,6 +195,9 @@ def main():
             print(f"--priority: could not raise the autogroup priority ({e.strerror}); timing as is")
 
     if a.worker:
+        from lmjax import scratch_cache
+
+        scratch_cache.use_in_this_process()  # as `lmjax train` does
         scan = None if a.scan is None else bool(a.scan)
         print(json.dumps(worker(a.worker, a.steps, a.layers, scan, a.compile_only)))
         return
@@ -189,7 +207,7 @@ def main():
     print(f"jax {jax.__version__}, {os.cpu_count()} CPUs, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
           f"load average {os.getloadavg()[0]:.1f}")
     results = []
-    hdr = f"{'config':16} {'step ms':>8} {'min ms':>7} {'tok/s':>8} {'compile s':>9} {'GFLOP/s':>8} {'peak':>6} {'MFU':>6} {'MFUbest':>7} {'RSS GiB':>7}"
+    hdr = f"{'config':16} {'step ms':>8} {'min ms':>7} {'tok/s':>8} {'compile s':>9} {'GFLOP/s':>8} {'peak':>6} {'MFU':>6} {'MFUbest':>7} {'RSS GiB':>7} {'faults':>8} {'scratch':>7}"
     print(hdr)
     trees = {"": ROOT} | ({"@baseline": a.baseline.resolve()} if a.baseline else {})
     for name in a.only:
@@ -200,9 +218,10 @@ def main():
         for label, rs in runs.items():
             r = {k: statistics.median(x[k] for x in rs) if isinstance(rs[0][k], float) else rs[0][k] for k in rs[0]}
             results.append({**r, "tree": str(trees[label]), "rounds": rs})
+            r.setdefault("scratch_cache", False)
             print(f"{name + label:16} {r['step_ms']:8.1f} {r['step_ms_min']:7.1f} {r['tokens_per_s']:8.0f} {r['compile_s']:9.2f} "
-                  f"{r['gflops']:8.1f} {r['peak_gflops']:6.1f} {r['mfu']:6.1%} {r['mfu_best_step']:7.1%} {r['peak_rss_gib']:7.2f}",
-                  flush=True)
+                  f"{r['gflops']:8.1f} {r['peak_gflops']:6.1f} {r['mfu']:6.1%} {r['mfu_best_step']:7.1%} {r['peak_rss_gib']:7.2f} "
+                  f"{r.get('faults_per_step', float('nan')):8.0f} {'on' if r['scratch_cache'] else 'off':>7}", flush=True)
         if a.baseline:
             ratios = [x["step_ms"] / b["step_ms"] for x, b in zip(runs[""], runs["@baseline"])]
             print(f"{name:16} step time / baseline's, per round: {' '.join(f'{x:.3f}' for x in ratios)}; "

@@ -26,13 +26,17 @@ from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from lmjax import scratch_cache  # noqa: E402
+
+if __name__ == "__main__":
+    scratch_cache.use_in_this_process()  # profile the step as `lmjax train` runs it
 DUMP = tempfile.mkdtemp(prefix="lmjax_hlo_")
 os.environ["XLA_FLAGS"] = " ".join([
     os.environ.get("XLA_FLAGS", ""), f"--xla_dump_to={DUMP}", "--xla_dump_hlo_as_text",
     "--xla_dump_hlo_module_re=.*train_step.*"])
 # A persistent-cache hit compiles nothing and so dumps no HLO: this process always compiles.
 os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$")
