@@ -9,8 +9,8 @@ blocks of at least 4 MiB mapped for the next request of the same size.
 
 `use_in_this_process()` re-executes the program (same PID, same arguments) with the library
 in LD_PRELOAD, which only works before the process has started its work: `lmjax` and the
-scripts call it first thing. Set LMJAX_SCRATCH_CACHE=0 to turn it off; without a C compiler
-or off glibc it does nothing.
+scripts call it first thing. Set LMJAX_SCRATCH_CACHE=0 to turn it off; without a C compiler,
+off glibc, or with an LD_PRELOAD of the user's own (another allocator) it does nothing.
 """
 
 from __future__ import annotations
@@ -59,6 +59,11 @@ def library(cache_dir: Path | None = None) -> Path | None:
     return path
 
 
+def usable() -> bool:
+    """Whether use_in_this_process() would preload the library (no LD_PRELOAD of the user's own)."""
+    return not os.environ.get("LD_PRELOAD", "").strip() and library() is not None
+
+
 def active() -> bool:
     """Whether the library is loaded in this process."""
     try:
@@ -71,22 +76,11 @@ def active() -> bool:
 def use_in_this_process() -> None:
     """Re-execute this program with the library preloaded, once; returns if it is loaded or cannot be."""
     if os.environ.pop(_REEXEC_MARK, None) is not None:
-        # The re-executed process: keep the library out of the programs it starts.
-        lib = str(library() or "")
-        kept = [p for p in os.environ.get("LD_PRELOAD", "").split() if p != lib]
-        if kept:
-            os.environ["LD_PRELOAD"] = " ".join(kept)
-        else:
-            os.environ.pop("LD_PRELOAD", None)
+        os.environ.pop("LD_PRELOAD", None)  # the re-executed process: keep it out of the programs it starts
         return
-    if active():
+    if active() or not usable():  # e.g. a preloaded allocator of the user's own (jemalloc) decides
         return
-    lib = library()
-    if lib is None:
-        return
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = " ".join([*env.get("LD_PRELOAD", "").split(), str(lib)])
-    env[_REEXEC_MARK] = "1"
+    env = {**os.environ, "LD_PRELOAD": str(library()), _REEXEC_MARK: "1"}
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -13,7 +13,7 @@ def test_train_resume_eval_sample(corpus_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "run directory" in r.stdout and (work / "config.json").is_file()
     assert json.loads((work / "config.json").read_text())["train"]["steps"] == 4
-    kept = "kept mapped" if scratch_cache.library() else "not kept"
+    kept = "kept mapped" if scratch_cache.usable() else "not kept"
     assert f"CPU: one step at a time (train.dispatch_ahead=auto); XLA scratch memory {kept} between steps" in r.stdout
 
     # Resumed with the other CPU settings (both may change on resume).

@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT
 from lmjax import scratch_cache
 
-pytestmark = pytest.mark.skipif(scratch_cache.library() is None, reason="needs Linux with glibc and a C compiler")
+pytestmark = pytest.mark.skipif(not scratch_cache.usable(), reason="needs Linux, glibc, a C compiler, no LD_PRELOAD")
 
 # Each line of output is one check, made in a process with the library preloaded.
 ALLOCATIONS = textwrap.dedent("""

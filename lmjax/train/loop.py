@@ -283,7 +283,7 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at:
     say(utilisation.describe())
     ahead = dispatch_ahead(cfg.train.dispatch_ahead, jax.default_backend(), scratch_cache.active())
     if jax.default_backend() == "cpu":
-        kept = "kept mapped" if scratch_cache.active() else "not kept (LMJAX_SCRATCH_CACHE=0, or no glibc or C compiler)"
+        kept = "kept mapped" if scratch_cache.active() else "not kept (LMJAX_SCRATCH_CACHE=0, an LD_PRELOAD, or no glibc or C compiler)"
         say(f"CPU: {'one step at a time' if not ahead else 'next step queued ahead'} (train.dispatch_ahead="
             f"{cfg.train.dispatch_ahead}); XLA scratch memory {kept} between steps")
 
