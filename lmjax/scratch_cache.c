@@ -7,11 +7,11 @@
  * freed block of at least MIN_BYTES stays mapped (pages resident) and is handed back to the
  * next posix_memalign of the same rounded size. Everything else goes to glibc unchanged.
  *
- * Memory: at most one block of each size stays mapped (a freed block whose size is mapped
- * twice, because two runs overlapped, is unmapped), and a request that finds no idle block of
- * its size first unmaps every idle block. So blocks stay cached only while the program keeps
- * asking for the same sizes (a training loop running one step after another), and the peak
- * resident memory stays that of one block per size (measured: within a few percent of glibc).
+ * Memory: at most one idle block of each size stays mapped (a freed block is unmapped if an
+ * idle one of its size is already kept), and a request that finds no idle block of its size
+ * first unmaps every idle block. So blocks stay cached only while the program keeps asking for
+ * the same sizes (a training loop running one step after another), and idle memory never
+ * exceeds one block per size in use.
  * Only posix_memalign is intercepted (what XLA uses); its blocks are released with free(),
  * never realloc().
  */
@@ -37,6 +37,7 @@ struct block {
     void *_Atomic ptr; /* NULL: slot empty; read without the lock by free() */
     size_t bytes;
     int in_use;
+    int recycled; /* freed and handed out again at least once: a per-run buffer, not an array */
 };
 
 static struct block blocks[SLOTS];
@@ -73,8 +74,9 @@ int posix_memalign(void **out, size_t alignment, size_t size) {
     if (size < MIN_BYTES || alignment > PAGE) return from_libc(out, alignment, size);
     size_t bytes = (size + PAGE - 1) & ~(PAGE - 1);
 
-    /* A run queued right behind another asks for its scratch while the first is still freeing
-     * the same size: wait up to WAIT_US for that block rather than mapping a second one. */
+    /* A run started right after another can ask for its scratch while the first is still
+     * freeing the same size: wait up to WAIT_US for a recycled block of that size in use,
+     * rather than mapping a second one (arrays that were never freed are not waited for). */
     for (int waited = 0;; waited += WAIT_STEP_US) {
         int busy_twin = 0;
         pthread_mutex_lock(&lock);
@@ -86,7 +88,7 @@ int posix_memalign(void **out, size_t alignment, size_t size) {
                     pthread_mutex_unlock(&lock);
                     return 0;
                 }
-                busy_twin = 1;
+                busy_twin |= blocks[i].recycled;
             }
         if (!busy_twin || waited >= WAIT_US) break;  /* leaves the lock held */
         pthread_mutex_unlock(&lock);
@@ -100,6 +102,7 @@ int posix_memalign(void **out, size_t alignment, size_t size) {
     if (slot >= 0) {
         blocks[slot].bytes = bytes;
         blocks[slot].in_use = 1;
+        blocks[slot].recycled = 0;
         blocks[slot].ptr = MAP_FAILED;  /* reserved; free() never sees this address */
     }
     pthread_mutex_unlock(&lock);
@@ -119,11 +122,12 @@ void free(void *ptr) {
             if (atomic_load(&blocks[i].ptr) == ptr) {
                 pthread_mutex_lock(&lock);
                 blocks[i].in_use = 0;
+                blocks[i].recycled = 1;
                 size_t bytes = blocks[i].bytes;
                 int twin = 0;
                 for (int j = 0; j < SLOTS; j++)
-                    if (j != i && blocks[j].ptr && blocks[j].bytes == bytes) twin = 1;
-                if (twin) atomic_store(&blocks[i].ptr, NULL);  /* one block per size stays resident */
+                    if (j != i && blocks[j].ptr && !blocks[j].in_use && blocks[j].bytes == bytes) twin = 1;
+                if (twin) atomic_store(&blocks[i].ptr, NULL);  /* one idle block per size */
                 pthread_mutex_unlock(&lock);
                 if (twin) munmap(ptr, bytes);
                 return;

@@ -31,6 +31,7 @@ _REEXEC_MARK = "_LMJAX_SCRATCH_CACHE_PRELOADED"
 
 
 def supported() -> bool:
+    """Linux with glibc, and not turned off with LMJAX_SCRATCH_CACHE=0."""
     return (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
             and os.environ.get("LMJAX_SCRATCH_CACHE", "1") != "0")
 
