@@ -7,11 +7,12 @@
  * freed block of at least MIN_BYTES stays mapped (pages resident) and is handed back to the
  * next posix_memalign of the same rounded size. Everything else goes to glibc unchanged.
  *
- * Memory: at most one idle block of each size stays mapped (a freed block is unmapped if an
- * idle one of its size is already kept), and a request that finds no idle block of its size
- * first unmaps every idle block. So blocks stay cached only while the program keeps asking for
- * the same sizes (a training loop running one step after another), and idle memory never
- * exceeds one block per size in use.
+ * Memory: one block of each size stays cached. A freed block is unmapped if an idle one of
+ * its size is kept, or if a second one was mapped because it was still in use when a run asked
+ * for its size (two runs overlapped: the newer block takes over). A request that finds no idle
+ * block of its size first unmaps every idle block. So blocks stay cached only while the program
+ * keeps asking for the same sizes (a training loop running one step after another), and idle
+ * memory never exceeds one block per size in use.
  * Only posix_memalign is intercepted (what XLA uses); its blocks are released with free(),
  * never realloc().
  */
@@ -30,6 +31,7 @@ extern void __libc_free(void *ptr);
 #define MIN_BYTES ((size_t)4 << 20)
 #define PAGE ((size_t)4096)
 #define SLOTS 64
+#define WAIT_MIN_BYTES ((size_t)64 << 20)
 #define WAIT_US 2000
 #define WAIT_STEP_US 50
 
@@ -38,6 +40,7 @@ struct block {
     size_t bytes;
     int in_use;
     int recycled; /* freed and handed out again at least once: a per-run buffer, not an array */
+    int overflow; /* mapped because a recycled block of its size was still in use */
 };
 
 static struct block blocks[SLOTS];
@@ -75,10 +78,12 @@ int posix_memalign(void **out, size_t alignment, size_t size) {
     size_t bytes = (size + PAGE - 1) & ~(PAGE - 1);
 
     /* A run started right after another can ask for its scratch while the first is still
-     * freeing the same size: wait up to WAIT_US for a recycled block of that size in use,
-     * rather than mapping a second one (arrays that were never freed are not waited for). */
+     * freeing the same size: for blocks of WAIT_MIN_BYTES and more (a step's scratch; its
+     * faults cost far more than the wait), wait up to WAIT_US for a recycled block of that size
+     * in use rather than mapping a second one. Arrays that were never freed are not waited for. */
+    int busy_twin;
     for (int waited = 0;; waited += WAIT_STEP_US) {
-        int busy_twin = 0;
+        busy_twin = 0;
         pthread_mutex_lock(&lock);
         for (int i = 0; i < SLOTS; i++)
             if (blocks[i].ptr && blocks[i].bytes == bytes) {
@@ -90,7 +95,7 @@ int posix_memalign(void **out, size_t alignment, size_t size) {
                 }
                 busy_twin |= blocks[i].recycled;
             }
-        if (!busy_twin || waited >= WAIT_US) break;  /* leaves the lock held */
+        if (!busy_twin || bytes < WAIT_MIN_BYTES || waited >= WAIT_US) break;  /* leaves the lock held */
         pthread_mutex_unlock(&lock);
         nanosleep(&(struct timespec){.tv_nsec = WAIT_STEP_US * 1000}, NULL);
     }
@@ -103,6 +108,7 @@ int posix_memalign(void **out, size_t alignment, size_t size) {
         blocks[slot].bytes = bytes;
         blocks[slot].in_use = 1;
         blocks[slot].recycled = 0;
+        blocks[slot].overflow = busy_twin;
         blocks[slot].ptr = MAP_FAILED;  /* reserved; free() never sees this address */
     }
     pthread_mutex_unlock(&lock);
@@ -123,11 +129,13 @@ void free(void *ptr) {
                 pthread_mutex_lock(&lock);
                 blocks[i].in_use = 0;
                 blocks[i].recycled = 1;
+                blocks[i].overflow = 0;
                 size_t bytes = blocks[i].bytes;
-                int twin = 0;
+                int twin = 0;  /* an idle block of this size, or one that took over from this one */
                 for (int j = 0; j < SLOTS; j++)
-                    if (j != i && blocks[j].ptr && !blocks[j].in_use && blocks[j].bytes == bytes) twin = 1;
-                if (twin) atomic_store(&blocks[i].ptr, NULL);  /* one idle block per size */
+                    if (j != i && blocks[j].ptr && blocks[j].bytes == bytes && (!blocks[j].in_use || blocks[j].overflow))
+                        twin = 1;
+                if (twin) atomic_store(&blocks[i].ptr, NULL);  /* one block per size stays cached */
                 pthread_mutex_unlock(&lock);
                 if (twin) munmap(ptr, bytes);
                 return;
