@@ -30,7 +30,7 @@ extern void __libc_free(void *ptr);
 
 #define MIN_BYTES ((size_t)4 << 20)
 #define PAGE ((size_t)4096)
-#define SLOTS 64
+#define SLOTS 1024 /* live blocks tracked: parameters and optimizer moments take slots too */
 #define WAIT_MIN_BYTES ((size_t)64 << 20)
 #define WAIT_US 2000
 #define WAIT_STEP_US 50
@@ -40,7 +40,7 @@ struct block {
     size_t bytes;
     int in_use;
     int recycled; /* freed and handed out again at least once: a per-run buffer, not an array */
-    int overflow; /* mapped because a recycled block of its size was still in use */
+    int overflow; /* mapped while another block of its size was in use: it takes over */
 };
 
 static struct block blocks[SLOTS];
@@ -60,16 +60,13 @@ __attribute__((constructor)) static void install_fork_handlers(void) {
     pthread_atfork(lock_for_fork, unlock_after_fork, unlock_after_fork);
 }
 
-/* Takes every idle block out of the table (with the lock held); the caller unmaps them. */
-static int take_idle(struct block *out) {
-    int n = 0;
+/* Unmaps every idle block. Called with the lock held (a miss: the program changed sizes). */
+static void unmap_idle(void) {
     for (int i = 0; i < SLOTS; i++)
         if (blocks[i].ptr && !blocks[i].in_use) {
-            out[n].ptr = blocks[i].ptr;
-            out[n++].bytes = blocks[i].bytes;
+            munmap(blocks[i].ptr, blocks[i].bytes);
             atomic_store(&blocks[i].ptr, NULL);
         }
-    return n;
 }
 
 int posix_memalign(void **out, size_t alignment, size_t size) {
@@ -81,9 +78,9 @@ int posix_memalign(void **out, size_t alignment, size_t size) {
      * freeing the same size: for blocks of WAIT_MIN_BYTES and more (a step's scratch; its
      * faults cost far more than the wait), wait up to WAIT_US for a recycled block of that size
      * in use rather than mapping a second one. Arrays that were never freed are not waited for. */
-    int busy_twin;
+    int busy_twin, busy_recycled;
     for (int waited = 0;; waited += WAIT_STEP_US) {
-        busy_twin = 0;
+        busy_twin = busy_recycled = 0;
         pthread_mutex_lock(&lock);
         for (int i = 0; i < SLOTS; i++)
             if (blocks[i].ptr && blocks[i].bytes == bytes) {
@@ -93,14 +90,14 @@ int posix_memalign(void **out, size_t alignment, size_t size) {
                     pthread_mutex_unlock(&lock);
                     return 0;
                 }
-                busy_twin |= blocks[i].recycled;
+                busy_twin = 1;
+                busy_recycled |= blocks[i].recycled;
             }
-        if (!busy_twin || bytes < WAIT_MIN_BYTES || waited >= WAIT_US) break;  /* leaves the lock held */
+        if (!busy_recycled || bytes < WAIT_MIN_BYTES || waited >= WAIT_US) break;  /* leaves the lock held */
         pthread_mutex_unlock(&lock);
         nanosleep(&(struct timespec){.tv_nsec = WAIT_STEP_US * 1000}, NULL);
     }
-    struct block idle[SLOTS];
-    int n_idle = take_idle(idle);
+    unmap_idle();
     int slot = -1;
     for (int i = 0; i < SLOTS && slot < 0; i++)
         if (!blocks[i].ptr) slot = i;
@@ -112,7 +109,6 @@ int posix_memalign(void **out, size_t alignment, size_t size) {
         blocks[slot].ptr = MAP_FAILED;  /* reserved; free() never sees this address */
     }
     pthread_mutex_unlock(&lock);
-    for (int i = 0; i < n_idle; i++) munmap(idle[i].ptr, idle[i].bytes);
     if (slot < 0) return from_libc(out, alignment, size);  /* every slot holds a live block */
 
     void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
