@@ -11,8 +11,8 @@
  * its size is kept, or if a second one was mapped because it was still in use when a run asked
  * for its size (two runs overlapped: the newer block takes over). A request that finds no idle
  * block of its size first unmaps every idle block. So blocks stay cached only while the program
- * keeps asking for the same sizes (a training loop running one step after another), and idle
- * memory never exceeds one block per size in use.
+ * keeps asking for the same sizes (a training loop running one step after another); idle
+ * blocks are released at the first request of a size none of them has.
  * Only posix_memalign is intercepted (what XLA uses); its blocks are released with free(),
  * never realloc().
  */
