@@ -64,8 +64,9 @@ __attribute__((constructor)) static void install_fork_handlers(void) {
 static void unmap_idle(void) {
     for (int i = 0; i < SLOTS; i++)
         if (blocks[i].ptr && !blocks[i].in_use) {
-            munmap(blocks[i].ptr, blocks[i].bytes);
-            atomic_store(&blocks[i].ptr, NULL);
+            void *p = blocks[i].ptr;
+            atomic_store(&blocks[i].ptr, NULL);  /* before munmap: the kernel may reuse the range at once */
+            munmap(p, blocks[i].bytes);
         }
 }
 

@@ -96,6 +96,7 @@ def worker(name: str, steps: int, n_layers: int | None, scan: bool | None, compi
     import numpy as np
     from functools import partial
 
+    from lmjax import scratch_cache
     from lmjax.flops import flops_per_token
     from lmjax.models.transformer import TransformerConfig
     from lmjax.train.loop import build_run
@@ -149,16 +150,8 @@ def worker(name: str, steps: int, n_layers: int | None, scan: bool | None, compi
         step_ms=1e3 * step_s, step_ms_min=1e3 * min(times), cpu_ms=1e3 * statistics.median(cpu_times), tokens_per_s=batch * seq_len / step_s,
         flops_per_token=fpt, gflops=flops / 1e9, peak_gflops=peak / 1e9, mfu=flops / peak,
         mfu_best_step=fpt * batch * seq_len / min(times) / peak, peak_rss_gib=rss_gib, faults_per_step=faults,
-        scratch_cache=scratch_cache_active())
+        scratch_cache=scratch_cache.active())
     return out
-
-
-def scratch_cache_active() -> bool:
-    try:
-        from lmjax import scratch_cache
-    except ImportError:  # a --baseline checkout from before lmjax.scratch_cache
-        return False
-    return scratch_cache.active()
 
 
 def run_worker(args: list[str], tree: Path = ROOT) -> dict:
@@ -218,10 +211,9 @@ def main():
         for label, rs in runs.items():
             r = {k: statistics.median(x[k] for x in rs) if isinstance(rs[0][k], float) else rs[0][k] for k in rs[0]}
             results.append({**r, "tree": str(trees[label]), "rounds": rs})
-            r.setdefault("scratch_cache", False)
             print(f"{name + label:16} {r['step_ms']:8.1f} {r['step_ms_min']:7.1f} {r['tokens_per_s']:8.0f} {r['compile_s']:9.2f} "
                   f"{r['gflops']:8.1f} {r['peak_gflops']:6.1f} {r['mfu']:6.1%} {r['mfu_best_step']:7.1%} {r['peak_rss_gib']:7.2f} "
-                  f"{r.get('faults_per_step', float('nan')):8.0f} {'on' if r['scratch_cache'] else 'off':>7}", flush=True)
+                  f"{r.get('faults_per_step', float('nan')):8.0f} {'on' if r.get('scratch_cache') else 'off':>7}", flush=True)
         if a.baseline:
             ratios = [x["step_ms"] / b["step_ms"] for x, b in zip(runs[""], runs["@baseline"])]
             print(f"{name:16} step time / baseline's, per round: {' '.join(f'{x:.3f}' for x in ratios)}; "

@@ -54,7 +54,7 @@ ALLOCATIONS = textwrap.dedent("""
     print(json.dumps({"a new size releases idle blocks first": before - resident() > 30 * MiB}))
     free(d)
     small = alloc(100_000); free(small)
-    print(json.dumps({"small blocks go to glibc": small > 0}))
+    print(json.dumps({"a block under 4 MiB is allocated and freed (glibc's)": small > 0}))
     print(json.dumps({"bad alignment is EINVAL": alloc(64 * MiB, alignment=24) == -22}))
 """)
 
