@@ -57,8 +57,23 @@ class TransformerConfig:
             scan_layers=m.scan_layers, remat=m.remat)
 
 
+def as_rows(x_BxTxD: Array) -> Array:
+    """B,T,D → B*T,D. Products take their input as one row per token: autodiff's weight
+    gradient is then a plain 2-D product, where a contraction over B and T makes XLA:CPU
+    write transposed copies of the activations first (step time 0.89-0.92x on CPU)."""
+    return x_BxTxD.reshape(-1, x_BxTxD.shape[-1])
+
+
 def _init(std: float, names: tuple):
     return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def _matrix_init(std: float, names: tuple, in_axes: int):
+    """normal(std) for a kernel with several in or out axes, drawn as the 2-D matrix
+    (prod(shape[:in_axes]), prod(shape[in_axes:])) as nn.DenseGeneral draws it: the same numbers for a seed."""
+    def init(key, shape, dtype):
+        return nn.initializers.normal(std)(key, (math.prod(shape[:in_axes]), math.prod(shape[in_axes:])), dtype).reshape(shape)
+    return nn.with_logical_partitioning(init, names)
 
 
 def _zeros(names: tuple):
@@ -109,9 +124,7 @@ class HeadsProjection(nn.Module):
         c = self.cfg
         names = ("embed", self.heads_axis, "head_dim")
         shape = (c.d_model, self.heads, c.head_dim)
-        # Drawn as a D x (heads * H) matrix, as DenseGeneral does: the same numbers for a seed.
-        init = lambda key, shape, dtype: nn.initializers.normal(0.02)(key, (shape[0], shape[1] * shape[2]), dtype).reshape(shape)  # noqa: E731
-        kernel = self.param("kernel", nn.with_logical_partitioning(init, names), shape, jnp.float32)
+        kernel = self.param("kernel", _matrix_init(0.02, names, 1), shape, jnp.float32)
         bias = self.param("bias", _zeros(names[1:]), shape[1:], jnp.float32) if c.bias else None
         return kernel, bias
 
@@ -120,7 +133,8 @@ def project(x_BxTxD: Array, projections: list[tuple[Array, Array | None]], dtype
     """Apply projections with the same number of heads as one matrix product, D x (P*N*H):
     one large product runs closer to the CPU's peak than P small ones. → P arrays BxTxNxH."""
     kernel_DxPxNxH = jnp.stack([k for k, _ in projections], 1).astype(dtype)
-    out_BxTxPxNxH = jnp.einsum("btd,dpnh->btpnh", x_BxTxD.astype(dtype), kernel_DxPxNxH)
+    out_BTxPNH = as_rows(x_BxTxD.astype(dtype)) @ kernel_DxPxNxH.reshape(x_BxTxD.shape[-1], -1)
+    out_BxTxPxNxH = out_BTxPNH.reshape(*x_BxTxD.shape[:2], *kernel_DxPxNxH.shape[1:])
     if projections[0][1] is not None:
         out_BxTxPxNxH = out_BxTxPxNxH + jnp.stack([b for _, b in projections]).astype(dtype)
     return [out_BxTxPxNxH[:, :, i] for i in range(len(projections))]
@@ -172,9 +186,27 @@ class Attention(nn.Module):
 
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layers).
         out_std = std / math.sqrt(2 * c.n_layers)
-        return nn.DenseGeneral(
-            c.d_model, axis=(-2, -1), use_bias=c.bias, dtype=dtype, param_dtype=jnp.float32, name="out",
-            kernel_init=_init(out_std, ("heads", "head_dim", "embed")), bias_init=_zeros(("embed",)))(out_BxTxNxH)
+        return OutProjection(c, out_std, name="out")(out_BxTxNxH)
+
+
+class OutProjection(nn.Module):
+    """Heads back to the width: 'kernel' NxHxD and 'bias' D, named and initialised as
+    nn.DenseGeneral(axis=(-2, -1)) does, applied as one product over the rows N*H → D."""
+
+    cfg: TransformerConfig
+    std: float
+
+    @nn.compact
+    def __call__(self, x_BxTxNxH: Array) -> Array:
+        c = self.cfg
+        b, t, n, h = x_BxTxNxH.shape
+        kernel = self.param("kernel", _matrix_init(self.std, ("heads", "head_dim", "embed"), 2),
+                            (n, h, c.d_model), jnp.float32)
+        dtype = jnp.dtype(c.dtype)
+        y_BTxD = x_BxTxNxH.reshape(b * t, n * h).astype(dtype) @ kernel.reshape(n * h, c.d_model).astype(dtype)
+        if c.bias:
+            y_BTxD = y_BTxD + self.param("bias", _zeros(("embed",)), (c.d_model,), jnp.float32).astype(dtype)
+        return y_BTxD.reshape(b, t, c.d_model)
 
 
 class MLP(nn.Module):
@@ -190,13 +222,14 @@ class MLP(nn.Module):
             feats, use_bias=c.bias, dtype=dtype, param_dtype=jnp.float32, name=name,
             kernel_init=_init(std, names), bias_init=_zeros(names[1:]))
         out_std = 0.02 / math.sqrt(2 * c.n_layers)
+        x_BTxD = as_rows(x_BxTxD)
         if c.mlp == "gelu":
-            h_BxTxF = ops.gelu(dense(c.d_ff, 0.02, ("embed", "mlp"), "fc")(x_BxTxD))
+            h_BTxF = ops.gelu(dense(c.d_ff, 0.02, ("embed", "mlp"), "fc")(x_BTxD))
         else:
-            gate = dense(c.d_ff, 0.02, ("embed", "mlp"), "gate")(x_BxTxD)
-            up = dense(c.d_ff, 0.02, ("embed", "mlp"), "up")(x_BxTxD)
-            h_BxTxF = nn.silu(gate) * up
-        return dense(c.d_model, out_std, ("mlp", "embed"), "proj")(h_BxTxF)
+            gate = dense(c.d_ff, 0.02, ("embed", "mlp"), "gate")(x_BTxD)
+            up = dense(c.d_ff, 0.02, ("embed", "mlp"), "up")(x_BTxD)
+            h_BTxF = nn.silu(gate) * up
+        return dense(c.d_model, out_std, ("mlp", "embed"), "proj")(h_BTxF).reshape(x_BxTxD.shape)
 
 
 class Block(nn.Module):
@@ -271,7 +304,7 @@ class Transformer(nn.Module):
         else:
             head_DxV = self.param("lm_head", _init(0.02, ("embed", "vocab")), (c.d_model, c.vocab_size), jnp.float32)
         # Logits in float32 whatever the compute dtype: the softmax over V needs the range.
-        return jnp.dot(x_BxTxD, head_DxV)
+        return (as_rows(x_BxTxD) @ head_DxV).reshape(b, t, -1)
 
 
 def stack_layers(params: dict, n_layers: int) -> dict:
