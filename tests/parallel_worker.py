@@ -120,6 +120,15 @@ def case_layouts(args):
                              "opt_dev0": on_dev0(state.opt_state), "opt_total": total(state.opt_state)}
         del state
 
+    # #6: tensor parallelism alone gathers no matrix and no activation (8 heads: 8 ways).
+    import re
+    cfg = tiny_mesh_config(**{"parallel.strategy": "mesh", "parallel.data": 1, "parallel.tensor": 8, "model.n_heads": 8})
+    run, parallel, state, step_fn, batches = build(cfg)
+    hlo = step_fn.lower(state, parallel.put_batch(batches(0))).compile().as_text()
+    out["tensor8_gathers"] = [dims for shape in re.findall(r"= (.+?) all-gather(?:-start)?\(", hlo)
+                              for dims in re.findall(r"\[([\d,]*)\]", shape)]
+    del state
+
     # #2: 4 micro-batches vs the full batch, one update from the same state, on a sharded mesh.
     # SGD: the update is the gradient itself (Adam would normalise away ~0 gradients, e.g. of
     # the attention key bias, turning float noise into full-size steps).

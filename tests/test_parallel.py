@@ -111,6 +111,15 @@ def test_params_are_sharded_as_the_layout_says(layouts):
 
 
 @pytest.mark.slow
+def test_tensor_parallelism_gathers_no_matrix_or_activation(layouts):
+    # Each device computes its heads' queries, keys and values and its slice of the MLP from its
+    # own kernel columns; only vectors (biases, norm scales) may be gathered.
+    gathers = layouts["tensor8_gathers"]  # the dimensions of each gathered array, e.g. "256" or "32,96"
+    print(f"tensor=8 all-gathers: {gathers}")
+    assert gathers and all("," not in dims for dims in gathers), gathers
+
+
+@pytest.mark.slow
 def test_fsdp8_keeps_an_eighth_of_the_state_per_device(layouts):
     m = layouts["memory"]
     print(f"fsdp=8 bytes per device: {m}")

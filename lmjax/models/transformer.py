@@ -132,12 +132,14 @@ class HeadsProjection(nn.Module):
 def project(x_BxTxD: Array, projections: list[tuple[Array, Array | None]], dtype) -> list[Array]:
     """Apply projections with the same number of heads as one matrix product, D x (P*N*H):
     one large product runs closer to the CPU's peak than P small ones. → P arrays BxTxNxH."""
-    kernel_DxPxNxH = jnp.stack([k for k, _ in projections], 1).astype(dtype)
-    out_BTxPNH = as_rows(x_BxTxD.astype(dtype)) @ kernel_DxPxNxH.reshape(x_BxTxD.shape[-1], -1)
-    out_BxTxPxNxH = out_BTxPNH.reshape(*x_BxTxD.shape[:2], *kernel_DxPxNxH.shape[1:])
+    # Heads outermost in the product's columns (N x P x H): a tensor-parallel split of the heads
+    # is then a split of those columns, and no device needs another's kernel.
+    kernel_DxNxPxH = jnp.stack([k for k, _ in projections], 2).astype(dtype)
+    out_BTxNPH = as_rows(x_BxTxD.astype(dtype)) @ kernel_DxNxPxH.reshape(x_BxTxD.shape[-1], -1)
+    out_BxTxNxPxH = out_BTxNPH.reshape(*x_BxTxD.shape[:2], *kernel_DxNxPxH.shape[1:])
     if projections[0][1] is not None:
-        out_BxTxPxNxH = out_BxTxPxNxH + jnp.stack([b for _, b in projections]).astype(dtype)
-    return [out_BxTxPxNxH[:, :, i] for i in range(len(projections))]
+        out_BxTxNxPxH = out_BxTxNxPxH + jnp.stack([b for _, b in projections], 1).astype(dtype)
+    return [out_BxTxNxPxH[:, :, :, i] for i in range(len(projections))]
 
 
 class Attention(nn.Module):
