@@ -3,10 +3,10 @@
 What it is for: the first run on a fresh machine. No download: it trains byte-level on the
 .py source files of the running interpreter's standard library (held-out: ~5% of the files,
 chosen by a hash of their path) and finishes on 2 CPU cores in a few minutes.
-What it reaches (fresh clone, 2 CPU cores, 2026-11-29): 400 steps (819k tokens) in 42 s,
-about 25k tokens/s; held-out 1.958 nats/token = 2.82 bits/byte, perplexity 7.08 over all 41
+What it reaches (fresh clone, 2 CPU cores, 2026-11-29): 400 steps (819k tokens) in 39-42 s,
+25-28k tokens/s; held-out 1.958 nats/token = 2.82 bits/byte, perplexity 7.08 over all 41
 held-out files; `bash scripts/run_default.sh` end to end (set-up from the local wheel cache
-included) in 85 s.
+included) in 81-85 s (two fresh clones).
 """
 
 from lmjax.config import base_config
