@@ -9,6 +9,7 @@ Transformer whose widths divide every mesh axis, so fsdp and tensor really shard
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -82,12 +83,10 @@ def spec_of(x) -> list:
 
 
 def case_layouts(args):
-    """#1 losses per layout, #7 bytes per device under fsdp=8, #2 accumulation, #3 bfloat16."""
+    """#1 losses per layout, #7 bytes per device under fsdp=8, what tensor=8 gathers,
+    #2 accumulation, #3 bfloat16."""
     import jax
     import numpy as np
-
-    from lmjax.train.parallel import MeshParallel
-    from ml_collections import ConfigDict
 
     out = {"devices": jax.device_count(), "losses": {}, "specs": {}, "shard_shapes": {}}
     layouts = {
@@ -120,8 +119,7 @@ def case_layouts(args):
                              "opt_dev0": on_dev0(state.opt_state), "opt_total": total(state.opt_state)}
         del state
 
-    # #6: tensor parallelism alone gathers no matrix and no activation (8 heads: 8 ways).
-    import re
+    # Tensor parallelism alone gathers no matrix and no activation (8 heads: 8 ways).
     cfg = tiny_mesh_config(**{"parallel.strategy": "mesh", "parallel.data": 1, "parallel.tensor": 8, "model.n_heads": 8})
     run, parallel, state, step_fn, batches = build(cfg)
     hlo = step_fn.lower(state, parallel.put_batch(batches(0))).compile().as_text()

@@ -130,7 +130,7 @@ class HeadsProjection(nn.Module):
 
 
 def project(x_BxTxD: Array, projections: list[tuple[Array, Array | None]], dtype) -> list[Array]:
-    """Apply projections with the same number of heads as one matrix product, D x (P*N*H):
+    """Apply projections with the same number of heads as one matrix product, D x (N*P*H):
     one large product runs closer to the CPU's peak than P small ones. → P arrays BxTxNxH."""
     # Heads outermost in the product's columns (N x P x H): a tensor-parallel split of the heads
     # is then a split of those columns, and no device needs another's kernel.
