@@ -33,3 +33,18 @@ def test_bench_train_against_a_baseline_checkout():
 def test_profile_step_names_where_the_time_goes():
     out = run_script("scripts/profile_step.py", "tiny", "--steps", "1", "--top", "3")
     assert "matrix product" in out and "by origin" in out and "if only the matrix and attention products ran" in out, out
+
+
+def test_profile_step_counts_the_flops_of_library_products(tmp_path):
+    # A weight gradient as XLA:CPU writes it for Eigen: x[768,128] contracted with dy[768,512]
+    # over the rows. Its FLOPs come from the operands' shapes: 2 * 128 * 512 * 768.
+    hlo = tmp_path / "step.txt"
+    hlo.write_text("ENTRY %main (x: f32[768,128], dy: f32[768,512]) -> f32[128,512] {\n"
+                   "  %x = f32[768,128]{1,0} parameter(0)\n"
+                   "  %dy = f32[768,512]{1,0} parameter(1)\n"
+                   "  %ynn_fusion = f32[768,512]{1,0} fusion(%x, %dy), kind=kCustom\n"
+                   "  ROOT %dot.7 = f32[128,512]{1,0} dot(%x, %dy), lhs_contracting_dims={0}, rhs_contracting_dims={0}\n"
+                   "}\n")
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import profile_step; "
+            f"print(profile_step.library_dot_flops({str(hlo)!r}))")
+    assert run_script("-c", code).strip() == str({"dot.7": 2 * 128 * 512 * 768})
