@@ -6,7 +6,9 @@ Runs the real train step of a reference config (scripts/bench_train.py), traces 
 and joins each traced op with its instruction in XLA's optimized HLO (--xla_dump_to) to say
 what it is (matrix product, attention product, elementwise, reduction, copy/transpose) and
 where it comes from (forward, backward or optimizer; attention, MLP, norm). Each op counts
-with its fastest run over the traced steps, so other load on the machine matters less.
+with its fastest run over the traced steps, so other load on the machine matters less. It
+also times each of the step's products alone (same shapes and dimension numbers, best of 10):
+the MFU the matrix kernels allow if nothing else ran.
 
 The step runs with XLA:CPU's default settings, as in training. Most matrix products run
 through YNNPACK (fusions named ynn_fusion); XLA:CPU sends some, such as weight gradients that
@@ -26,6 +28,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 
@@ -52,22 +55,59 @@ def dims(shape: str) -> list[int]:
     return [int(d) for d in inside.split(",") if d]
 
 
-def library_dot_flops(path: str) -> dict:
-    """Name → FLOPs of each top-level `dot` (a library call, e.g. Eigen, not a fused kernel).
-    These may run asynchronously: their trace event can end before their work does."""
-    shapes, out = {}, {}
+def products(path: str) -> list[dict]:
+    """Every matrix/attention product (`dot`) of an optimized HLO dump, in fusions or not:
+    name, whether it is a top-level library call, operand dims, dimension numbers, FLOPs."""
+    shapes, out, in_entry = {}, [], False
     for line in open(path):
+        if not line.startswith(" ") and line.rstrip().endswith("{"):
+            in_entry = line.startswith("ENTRY")
         m = INSTRUCTION.match(line)
         if not m:
             continue
         name, shape, op, rest = m.groups()
         shapes[name] = shape
-        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
-        if op == "dot" and contracting:
-            lhs = dims(shapes[re.match(r"%?([\w.\-]+)", rest).group(1)])
-            k = math.prod(lhs[int(i)] for i in contracting.group(1).split(",") if i)
-            out[name] = 2 * math.prod(dims(shape)) * k
+        if op != "dot":
+            continue
+        numbers = {key: [int(i) for i in (re.search(key + r"=\{([\d,]*)\}", rest) or re.match("()", "")).group(1).split(",") if i]
+                   for key in ("lhs_contracting_dims", "rhs_contracting_dims", "lhs_batch_dims", "rhs_batch_dims")}
+        lhs, rhs = (dims(shapes[x]) for x in re.findall(r"%([\w.\-]+)", rest.split(")")[0])[:2])
+        k = math.prod(lhs[i] for i in numbers["lhs_contracting_dims"])
+        out.append({"name": name, "top_level": in_entry, "lhs": lhs, "rhs": rhs,
+                    **numbers, "flops": 2 * math.prod(dims(shape)) * k})
     return out
+
+
+def library_dot_flops(path: str) -> dict:
+    """Name → FLOPs of each top-level `dot` (a library call, e.g. Eigen, not a fused kernel).
+    These may run asynchronously: their trace event can end before their work does."""
+    return {p["name"]: p["flops"] for p in products(path) if p["top_level"]}
+
+
+def products_alone_seconds(found: list[dict], repeats: int = 10) -> float:
+    """Sum over the products of each one's best time run alone (as its own program, inputs of
+    the same shapes), less the cost of calling an empty program: what the step's products
+    need if nothing else ran and none waited for another."""
+    import jax
+    import jax.numpy as jnp
+
+    def best(fn, *args):
+        jax.block_until_ready(fn(*args))
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    call = best(jax.jit(lambda x: x + 1), jnp.ones(()))
+    total = 0.0
+    for p in found:
+        numbers = ((tuple(p["lhs_contracting_dims"]), tuple(p["rhs_contracting_dims"])),
+                   (tuple(p["lhs_batch_dims"]), tuple(p["rhs_batch_dims"])))
+        fn = jax.jit(lambda a, b, n=numbers: jax.lax.dot_general(a, b, n))
+        total += best(fn, jnp.full(p["lhs"], 0.01), jnp.full(p["rhs"], 0.01)) - call
+    return total
 
 
 def read_hlo(path: str) -> dict:
@@ -148,7 +188,8 @@ def main():
                 jax.block_until_ready(m)
         profile = jax.profiler.ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0])
 
-    hlo = read_hlo(glob.glob(f"{DUMP}/*train_step*cpu_after_optimizations.txt")[0])
+    hlo_path = glob.glob(f"{DUMP}/*train_step*cpu_after_optimizations.txt")[0]
+    hlo = read_hlo(hlo_path)
     runs = collections.defaultdict(list)
     for plane in profile.planes:
         for line in plane.lines:
@@ -158,18 +199,20 @@ def main():
     per_step = {n: min(t) * max(1, round(len(t) / a.steps)) for n, t in runs.items()}
     total = sum(per_step.values())
     print(f"{a.config}: {len(per_step)} ops, {total:.1f} ms per step (sum of each op's fastest run)")
-    # The ceiling this step's matrix kernels allow: model FLOPs over the time of the products alone.
     from lmjax.flops import flops_per_token
     from lmjax.models.transformer import TransformerConfig
 
     model_flops = flops_per_token(TransformerConfig.from_config(cfg.model, vocab, cfg.data.seq_len), cfg.data.seq_len) \
         * cfg.train.batch_size * cfg.data.seq_len
-    products_ms = sum(t for n, t in per_step.items() if hlo[n][1] in ("matrix product", "attention product"))
     peak = bench_train.matmul_peak()
     print(f"model FLOPs per step {model_flops / 1e9:.2f} G; matmul peak {peak / 1e9:.0f} GFLOP/s (probe); "
-          f"MFU of this profile {model_flops / (total / 1e3) / peak:.1%}; if only the matrix and attention "
-          f"products ran ({products_ms:.1f} ms): {model_flops / (products_ms / 1e3) / peak:.1%}")
-    hlo_path = glob.glob(f"{DUMP}/*train_step*cpu_after_optimizations.txt")[0]
+          f"MFU of this profile {model_flops / (total / 1e3) / peak:.1%}")
+    # The ceiling the matrix kernels allow: the step's products, each timed alone.
+    found = products(hlo_path)
+    flops, seconds = sum(p["flops"] for p in found), products_alone_seconds(found)
+    print(f"the {len(found)} matrix and attention products run alone, one after another: {seconds * 1e3:.1f} ms for "
+          f"{flops / 1e9:.2f} GFLOP ({flops / seconds / peak:.0%} of the probe); MFU if nothing else ran: "
+          f"{model_flops / seconds / peak:.1%}")
     too_fast = {n: f for n, f in library_dot_flops(hlo_path).items() if n in per_step and f / (per_step[n] / 1e3) > peak}
     if too_fast:
         print(f"{len(too_fast)} library products ({sum(per_step[n] for n in too_fast):.1f} ms) traced faster than the peak: "
