@@ -60,9 +60,14 @@ def library(cache_dir: Path | None = None) -> Path | None:
     return path
 
 
+def _to_preload() -> Path | None:
+    """The library, unless the user preloads something of their own (jemalloc: it decides)."""
+    return None if os.environ.get("LD_PRELOAD", "").strip() else library()
+
+
 def usable() -> bool:
     """Whether use_in_this_process() would preload the library (no LD_PRELOAD of the user's own)."""
-    return not os.environ.get("LD_PRELOAD", "").strip() and library() is not None
+    return _to_preload() is not None
 
 
 def active() -> bool:
@@ -79,9 +84,10 @@ def use_in_this_process() -> None:
     if os.environ.pop(_REEXEC_MARK, None) is not None:
         os.environ.pop("LD_PRELOAD", None)  # the re-executed process: keep it out of the programs it starts
         return
-    if active() or not usable():  # e.g. a preloaded allocator of the user's own (jemalloc) decides
+    lib = None if active() else _to_preload()
+    if lib is None:
         return
-    env = {**os.environ, "LD_PRELOAD": str(library()), _REEXEC_MARK: "1"}
+    env = {**os.environ, "LD_PRELOAD": str(lib), _REEXEC_MARK: "1"}
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -55,6 +55,12 @@ def dims(shape: str) -> list[int]:
     return [int(d) for d in inside.split(",") if d]
 
 
+def dim_list(text: str, key: str) -> list[int]:
+    """'lhs_contracting_dims={0,2}' in text → [0, 2]; [] where the key is absent."""
+    m = re.search(key + r"=\{([\d,]*)\}", text)
+    return [int(i) for i in m.group(1).split(",") if i] if m else []
+
+
 def products(path: str) -> list[dict]:
     """Every matrix/attention product (`dot`) of an optimized HLO dump, in fusions or not:
     name, whether it is a top-level library call, operand dims, dimension numbers, FLOPs."""
@@ -69,7 +75,7 @@ def products(path: str) -> list[dict]:
         shapes[name] = shape
         if op != "dot":
             continue
-        numbers = {key: [int(i) for i in (re.search(key + r"=\{([\d,]*)\}", rest) or re.match("()", "")).group(1).split(",") if i]
+        numbers = {key: dim_list(rest, key)
                    for key in ("lhs_contracting_dims", "rhs_contracting_dims", "lhs_batch_dims", "rhs_batch_dims")}
         lhs, rhs = (dims(shapes[x]) for x in re.findall(r"%([\w.\-]+)", rest.split(")")[0])[:2])
         k = math.prod(lhs[i] for i in numbers["lhs_contracting_dims"])
@@ -78,10 +84,10 @@ def products(path: str) -> list[dict]:
     return out
 
 
-def library_dot_flops(path: str) -> dict:
-    """Name → FLOPs of each top-level `dot` (a library call, e.g. Eigen, not a fused kernel).
-    These may run asynchronously: their trace event can end before their work does."""
-    return {p["name"]: p["flops"] for p in products(path) if p["top_level"]}
+def library_dot_flops(found: list[dict]) -> dict:
+    """Name → FLOPs of each top-level `dot` among `products()` (a library call, e.g. Eigen, not a
+    fused kernel). These may run asynchronously: their trace event can end before their work does."""
+    return {p["name"]: p["flops"] for p in found if p["top_level"]}
 
 
 def products_alone_seconds(found: list[dict], repeats: int = 10) -> float:
@@ -213,7 +219,7 @@ def main():
     print(f"the {len(found)} matrix and attention products run alone, one after another: {seconds * 1e3:.1f} ms for "
           f"{flops / 1e9:.2f} GFLOP ({flops / seconds / peak:.0%} of the probe); MFU if nothing else ran: "
           f"{model_flops / seconds / peak:.1%}")
-    too_fast = {n: f for n, f in library_dot_flops(hlo_path).items() if n in per_step and f / (per_step[n] / 1e3) > peak}
+    too_fast = {n: f for n, f in library_dot_flops(found).items() if n in per_step and f / (per_step[n] / 1e3) > peak}
     if too_fast:
         print(f"{len(too_fast)} library products ({sum(per_step[n] for n in too_fast):.1f} ms) traced faster than the peak: "
               f"they run asynchronously, and their work ({sum(too_fast.values()) / 1e9:.2f} GFLOP) is counted in the "

@@ -22,7 +22,8 @@ from lmjax.models.transformer import Transformer, TransformerConfig
 
 # Max abs difference of logits (std ~4). Typical: 3e-6 to 9e-6. In 2 of 9 full CI runs
 # (sessions 2-3), with unchanged code, the GPT-2 import read exactly 2.0969e-4 (cause not
-# found; never when run alone). The controls below (wrong key-head order, wrong rope base) stay above 100x.
+# found; never when run alone). The controls below (wrong key-head order, wrong rope base)
+# stay above 100x.
 LOGIT_TOL = 5e-4
 LOSS_RTOL = 1e-5  # relative difference of mean loss / perplexity
 VOCAB = 300

@@ -281,9 +281,9 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at:
     say(f"steps {start} → {total}, {batch} x {seq_len} = {batch * seq_len:,} tokens per step; {parallel.describe()}")
     utilisation = Utilisation.for_run(cfg, run.model, parallel)
     say(utilisation.describe())
-    scratch_kept = scratch_cache.active()
-    ahead = dispatch_ahead(cfg.train.dispatch_ahead, jax.default_backend(), scratch_kept)
-    if jax.default_backend() == "cpu":
+    scratch_kept, backend = scratch_cache.active(), jax.default_backend()
+    ahead = dispatch_ahead(cfg.train.dispatch_ahead, backend, scratch_kept)
+    if backend == "cpu":
         kept = "kept mapped" if scratch_kept else "not kept (LMJAX_SCRATCH_CACHE=0, an LD_PRELOAD, or no glibc or C compiler)"
         say(f"CPU: {'one step at a time' if not ahead else 'next step queued ahead'} (train.dispatch_ahead="
             f"{cfg.train.dispatch_ahead}); XLA scratch memory {kept} between steps")
