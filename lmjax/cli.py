@@ -1,7 +1,9 @@
-"""`lmjax train | eval | sample | plot | runs`: the command line.
+"""`lmjax train | eval | sample | import-hf | export-hf | plot | runs`: the command line.
 
 Mistakes a person can fix (UserError) print one line and exit with status 2; eval and
-sample read the run's saved config.json and never execute an experiment file.
+sample read the run's saved config.json and never execute an experiment file. Each command
+imports what it uses when it runs: argument errors answer without loading JAX, and on CPU
+`main` may re-execute the process (lmjax.scratch_cache) before JAX is first imported.
 """
 
 from __future__ import annotations
@@ -21,36 +23,6 @@ def _quiet_logs() -> None:
 
     logging.getLogger("absl").setLevel(logging.ERROR)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-
-def load_run(run_dir: str | Path, which: str = "latest"):
-    """A run directory → (config, Run, params, tokenizer, step); reads JSON, runs no config file."""
-    from lmjax import config as config_lib
-    from lmjax.checkpoint import Checkpoints
-    from lmjax.data.tokenizers import load_tokenizer
-    from lmjax.train.loop import build_run, check_tokenizer
-    from lmjax.train.parallel import MeshParallel
-
-    run_dir = Path(run_dir).absolute()
-    if not (run_dir / "config.json").is_file():
-        raise UserError(f"{run_dir} is not an lmjax run directory (no config.json); pass the --workdir of a `lmjax train` run")
-    cfg = config_lib.from_json((run_dir / "config.json").read_text())
-    tokenizer = load_tokenizer(run_dir / "tokenizer")
-    ckpts = Checkpoints(run_dir / "checkpoints", read_only=True)
-    step = ckpts.resolve(which)
-    cfg = config_lib.from_json(json.dumps(ckpts.restore_config(step)))
-    check_tokenizer(ckpts, step, tokenizer, run_dir / "tokenizer")
-    parallel = MeshParallel(_all_data_parallel())  # whatever layout it was saved from
-    run = build_run(cfg, run_dir, tokenizer.vocab_size, parallel)
-    params = run.restore_params(ckpts, step)
-    ckpts.close()
-    return cfg, run, params, tokenizer, step
-
-
-def _all_data_parallel():
-    from ml_collections import ConfigDict
-
-    return ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
 
 
 def cmd_train(args, overrides) -> int:
@@ -120,8 +92,10 @@ def evaluate_run(run_dir: str, which: str, stride: int, batch_size: int, source:
     import jax
 
     from lmjax.data import tokenize_source
-    from lmjax.evaluate import evaluate, make_row_nll
-    from lmjax.train.loop import local_rows
+    from lmjax.data.batches import local_rows
+    from lmjax.evaluate import evaluate
+    from lmjax.run import load_run
+    from lmjax.train.loss import make_row_nll
 
     cfg, run, params, tok, step = load_run(run_dir, which)
     data_cfg = eval_data_config(cfg, source, overrides)
@@ -133,7 +107,7 @@ def evaluate_run(run_dir: str, which: str, stride: int, batch_size: int, source:
     row_nll = jax.jit(make_row_nll(run.model), in_shardings=(run.shardings.params, parallel.batch_sharding),
                       out_shardings=parallel.replicated)
     report = evaluate(row_nll, params, split, tok.token_bytes(), context, stride, batch_size,
-                      stream=data_cfg.stream, put=lambda b: parallel.put_batch(local_rows(b, parallel)),
+                      stream=data_cfg.stream, put=lambda b: parallel.put_batch(local_rows(b, parallel.process_block)),
                       fetch=parallel.fetch)
     report.update(step=step, run_dir=str(Path(run_dir).absolute()), stride=stride, data=source or "held-out split")
     return report, step
@@ -170,6 +144,7 @@ def side_by_side(reports) -> str:
 
 
 def cmd_sample(args, overrides) -> int:
+    from lmjax.run import load_run
     from lmjax.sample import check_sampling, cut_at_stop, generate
 
     if not args.greedy:

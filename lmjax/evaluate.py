@@ -17,7 +17,6 @@ import numpy as np
 
 from lmjax.data.cache import TokenSplit
 from lmjax.errors import UserError
-from lmjax.train.step import model_inputs
 
 
 @dataclass
@@ -51,18 +50,6 @@ def window_arrays(tokens: np.ndarray, w: Window, context: int) -> tuple[np.ndarr
     target_index = w.start + 1 + np.arange(n)
     weights[:n] = target_index >= w.first_new
     return inputs, targets, weights
-
-
-def make_row_nll(model):
-    """(params, batch) → per-row NLL sums and target counts, float32[B] each."""
-    import optax
-
-    def row_nll(params, batch):
-        logits = model.apply({"params": params}, batch["inputs"], **model_inputs(batch), deterministic=True)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(np.float32), batch["targets"])
-        return (nll * batch["weights"]).sum(-1), batch["weights"].sum(-1)
-
-    return row_nll
 
 
 def evaluate(row_nll_fn, params, split: TokenSplit, token_bytes: np.ndarray, context: int, stride: int,

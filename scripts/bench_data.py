@@ -80,7 +80,7 @@ def bench_training(cfg, run_dir: Path, rounds: int, steps: int) -> None:
 
     from lmjax.data import prepare
     from lmjax.data.batches import Prefetcher, TrainBatches
-    from lmjax.train.loop import build_run
+    from lmjax.run import build_run
     from lmjax.train.parallel import build_parallel
     from lmjax.train.step import make_train_step
 
@@ -91,7 +91,7 @@ def bench_training(cfg, run_dir: Path, rounds: int, steps: int) -> None:
     step_fn = parallel.compile_step(partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum,
                                             on_nan=cfg.train.on_nan), run.shardings)
     batches = TrainBatches(data.train, cfg.data.seq_len, cfg.train.batch_size, cfg.data.seed,
-                           jax.process_index(), jax.process_count(), cfg.data.document_mask)
+                           parallel.process_block, cfg.data.document_mask)
     synthetic = parallel.put_batch(batches(10**6))  # same shape and dtypes, placed once
 
     def timed(stream) -> float:

@@ -1,7 +1,7 @@
 """Training speed on this machine: tokens/s, step time, compile time, FLOP/s and MFU, peak memory.
 
 Each reference config runs in its own subprocess (so ru_maxrss is that config's peak) through
-the real train step: lmjax.train.loop.build_run → MeshParallel.compile_step(make_train_step).
+the real train step: lmjax.run.build_run → MeshParallel.compile_step(make_train_step).
 Every worker also measures the float32 matmul peak (a jnp.dot probe, best of several) in the
 same process, so the MFU ratio compares figures taken under the same load.
 
@@ -99,7 +99,7 @@ def worker(name: str, steps: int, n_layers: int | None, scan: bool | None, compi
     from lmjax import scratch_cache
     from lmjax.flops import flops_per_token
     from lmjax.models.transformer import TransformerConfig
-    from lmjax.train.loop import build_run
+    from lmjax.run import build_run
     from lmjax.train.step import make_train_step
 
     cfg, vocab = reference_config(name, n_layers, scan)

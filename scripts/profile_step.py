@@ -174,7 +174,7 @@ def main():
     import jax
     import numpy as np
 
-    from lmjax.train.loop import build_run
+    from lmjax.run import build_run
     from lmjax.train.step import make_train_step
 
     cfg, vocab = bench_train.reference_config(a.config)

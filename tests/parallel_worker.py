@@ -55,7 +55,7 @@ def build(cfg, parallel=None):
     import jax
 
     from lmjax.data.batches import TrainBatches
-    from lmjax.train.loop import build_run
+    from lmjax.run import build_run
     from lmjax.train.parallel import build_parallel, check_batch
     from lmjax.train.step import make_train_step
 
@@ -65,7 +65,7 @@ def build(cfg, parallel=None):
     state = parallel.init_state(run.init_state, run.shardings, jax.random.PRNGKey(cfg.seed))
     step_fn = parallel.compile_step(partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum), run.shardings)
     batches = TrainBatches(synthetic_split(), cfg.data.seq_len, cfg.train.batch_size, cfg.data.seed,
-                           *parallel.process_block)
+                           parallel.process_block)
     return run, parallel, state, step_fn, batches
 
 
@@ -153,7 +153,7 @@ def case_layouts(args):
     batch = parallel.put_batch(build(cfg, parallel)[4](0))
     logits = jax.jit(lambda p, x: run.model.apply({"params": p}, x))(state.params, batch["inputs"])
     jaxpr = str(jax.make_jaxpr(lambda p, x: run.model.apply({"params": p}, x))(state.params, batch["inputs"]))
-    from lmjax.train.step import token_nll
+    from lmjax.train.loss import token_nll
     nll, count = jax.jit(token_nll)(logits, batch["targets"])
     out["bf16"] = {
         "param_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(state.params)}),

@@ -48,7 +48,7 @@ def test_global_batch_is_the_same_for_1_2_and_4_processes(document_mask):
     for step in (0, 1, 7, 8, 63, 64, 200):  # 63 windows: steps 7-8 cross an epoch
         whole = single(step)
         for count in (2, 4):
-            parts = [TrainBatches(SPLIT, 16, 8, seed=3, process_index=i, process_count=count,
+            parts = [TrainBatches(SPLIT, 16, 8, seed=3, block=(i, count),
                                   document_mask=document_mask)(step) for i in range(count)]
             assert all(len(p["inputs"]) == 8 // count for p in parts)
             for key in whole:
@@ -109,7 +109,7 @@ def test_too_short_training_split_and_indivisible_batch():
     with pytest.raises(UserError, match="training split has 33 tokens, fewer than data.seq_len \\+ 1 = 65"):
         TrainBatches(make_split([20, 11]), 64, 4, 0)
     with pytest.raises(UserError, match="train.batch_size=6 does not divide over 4 processes"):
-        TrainBatches(SPLIT, 16, 6, 0, process_index=0, process_count=4)
+        TrainBatches(SPLIT, 16, 6, 0, block=(0, 4))
 
 
 def test_document_mask_hides_the_previous_document():
@@ -121,7 +121,7 @@ def test_document_mask_hides_the_previous_document():
 
     from lmjax.config import base_config
     from lmjax.models import build_model
-    from lmjax.train.step import model_inputs
+    from lmjax.train.loss import model_inputs
 
     split = make_split([9, 30, 30, 30])
     batch = TrainBatches(split, 24, 4, seed=0, document_mask=True)(0)

@@ -10,7 +10,8 @@ import pytest
 
 from lmjax.config import base_config
 from lmjax.data.cache import TokenSplit
-from lmjax.evaluate import evaluate, make_row_nll, plan_windows
+from lmjax.evaluate import evaluate, plan_windows
+from lmjax.train.loss import make_row_nll
 from lmjax.models import build_model
 
 CONTEXT = 8

@@ -12,7 +12,7 @@ import pytest
 
 from lmjax import config as config_lib
 from lmjax.models import build_model
-from lmjax.train.loop import count_params
+from lmjax.run import count_params
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.py"))

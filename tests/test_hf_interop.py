@@ -105,7 +105,7 @@ def _torch_logits_loss(model, tokens: np.ndarray):
 
 
 def _lmjax_logits_loss(c: TransformerConfig, params, tokens: np.ndarray):
-    from lmjax.train.step import token_nll
+    from lmjax.train.loss import token_nll
 
     logits = np.asarray(Transformer(c).apply({"params": params}, jnp.asarray(tokens, jnp.int32)))
     nll, count = token_nll(jnp.asarray(logits[:, :-1]), jnp.asarray(tokens[:, 1:], jnp.int32))
@@ -203,7 +203,7 @@ def test_export_matches_transformers(case, tmp_path):
     _compare(f"export {case}", ours, _torch_logits_loss(model, tokens))
 
     # Importing the export gives back the same model (its lmjax tokenizer included).
-    from lmjax.cli import load_run
+    from lmjax.run import load_run
 
     interop.import_hf(out, tmp_path / "again", log=lambda *_: None)
     _, run2, params2, tok2, step = load_run(tmp_path / "again")
@@ -258,7 +258,8 @@ def test_strided_perplexity_matches_transformers(tmp_path):
     lmjax's window of `context` inputs predicts `context` targets; transformers' window of
     max_length ids predicts max_length - 1, so the same windows are max_length = context + 1.
     """
-    from lmjax.evaluate import evaluate, make_row_nll, plan_windows
+    from lmjax.evaluate import evaluate, plan_windows
+    from lmjax.train.loss import make_row_nll
 
     model = _hf_model("gpt2")
     _, c, params = interop.load_hf(_save_hf(model, tmp_path / "gpt2"))

@@ -7,7 +7,8 @@ import numpy as np
 from lmjax.config import base_config
 from lmjax.models import build_model
 from lmjax.train.optimizer import build_optimizer
-from lmjax.train.step import create_state, make_train_step, token_nll
+from lmjax.train.loss import token_nll
+from lmjax.train.step import create_state, make_train_step
 
 
 def _model(vocab=257, **model):

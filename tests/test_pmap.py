@@ -20,7 +20,7 @@ WORKER = textwrap.dedent("""
     from conftest import tiny_config
     from lmjax.data import prepare
     from lmjax.data.batches import TrainBatches
-    from lmjax.train.loop import build_run
+    from lmjax.run import build_run
     from lmjax.train.parallel import PmapParallel, build_parallel
     from lmjax.train.step import make_train_step
     from functools import partial

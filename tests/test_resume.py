@@ -6,7 +6,8 @@ import numpy as np
 from conftest import tiny_config
 from lmjax.checkpoint import Checkpoints
 from lmjax.metrics import read_jsonl
-from lmjax.train.loop import build_run, train
+from lmjax.run import build_run
+from lmjax.train.loop import train
 
 
 def _final_params(run_dir, vocab_size, cfg):

@@ -20,9 +20,25 @@ from lmjax.data.cache import TokenSplit
 from lmjax.errors import UserError
 
 
+def process_rows(global_rows: int, block: tuple[int, int], what: str = "the batch size") -> slice:
+    """The rows of a global batch that this process feeds: block `index` of `count` equal,
+    contiguous blocks, for block = (index, count), the parallel strategy's `process_block`."""
+    index, count = block
+    if global_rows % count:
+        raise UserError(f"{what}={global_rows} does not divide over {count} processes; use a multiple of {count}")
+    rows = global_rows // count
+    return slice(index * rows, (index + 1) * rows)
+
+
+def local_rows(batch: dict, block: tuple[int, int]) -> dict:
+    """This process's rows (`process_rows`) of every array of a global batch."""
+    rows = process_rows(next(iter(batch.values())).shape[0], block)
+    return {k: v[rows] for k, v in batch.items()}
+
+
 class TrainBatches:
     def __init__(self, split: TokenSplit, seq_len: int, global_batch: int, seed: int,
-                 process_index: int = 0, process_count: int = 1, document_mask: bool = False):
+                 block: tuple[int, int] = (0, 1), document_mask: bool = False):
         self.split = split
         self.seq_len = seq_len
         self.global_batch = global_batch
@@ -31,10 +47,7 @@ class TrainBatches:
         self.n_windows = (len(split.tokens) - 1) // seq_len
         if self.n_windows < 1:
             raise UserError(f"the training split has {len(split.tokens)} tokens, fewer than data.seq_len + 1 = {seq_len + 1}; lower data.seq_len or add data")
-        if global_batch % process_count:
-            raise UserError(f"train.batch_size={global_batch} does not divide over {process_count} processes")
-        rows = global_batch // process_count
-        self.rows = slice(process_index * rows, (process_index + 1) * rows)
+        self.rows = process_rows(global_batch, block, "train.batch_size")
 
     @functools.lru_cache(maxsize=4)
     def _permutation(self, epoch: int) -> np.ndarray:

@@ -467,7 +467,7 @@ def write_run(cfg, run_dir: str | Path, tokenizer, params) -> Path:
 
     from lmjax import config as config_lib
     from lmjax.checkpoint import Checkpoints
-    from lmjax.train.loop import build_run, probe_writable
+    from lmjax.run import build_run, probe_writable
     from lmjax.train.parallel import build_parallel
 
     run_dir = Path(run_dir).absolute()
@@ -531,7 +531,7 @@ def export_hf(run_dir: str | Path, out: str | Path, which: str = "latest", log: 
     transformers' from_pretrained loads (GPT2LMHeadModel or LlamaForCausalLM)."""
     import jax
 
-    from lmjax.cli import load_run
+    from lmjax.run import load_run
     from lmjax.data.tokenizers import HFTokenizer
 
     cfg, run, params, tok, step = load_run(run_dir, which)

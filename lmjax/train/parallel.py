@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 import flax.linen as nn
 import jax
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, Sharding
+from jax.sharding import PartitionSpec as P
+from ml_collections import ConfigDict
 
 from lmjax.errors import UserError
 from lmjax.train.step import TrainState
@@ -136,6 +138,61 @@ def initialize_distributed(parallel_cfg, environ: Mapping[str, str] | None = Non
 # Layouts
 
 
+class Parallel(Protocol):
+    """What the train loop, eval and sample ask of a device layout.
+
+    The *global* state is one unreplicated TrainState laid out by `state_shardings`: what a
+    checkpoint holds, whatever the layout it came from. The *step's* state is what the
+    compiled step takes and returns: the global state itself on a mesh, one stacked copy per
+    device under pmap.
+    """
+
+    kind: str  # 'mesh' | 'pmap'
+    n_devices: int  # devices the step runs on, over all processes
+    batch_divisor: int  # every global batch is a multiple of this many rows
+    process_block: tuple[int, int]  # (index, count): this process feeds block `index` of `count` of the rows
+    replicated: Sharding  # where scalars and metrics live
+
+    def describe(self) -> str:
+        """One line for the run's first lines: layout, devices, processes."""
+
+    def state_shardings(self, model: nn.Module, tx: optax.GradientTransformation, init_state: Callable,
+                        rng: jax.Array) -> TrainState:
+        """The sharding of every leaf of the global state."""
+
+    def init_state(self, init_state: Callable, shardings: TrainState, rng: jax.Array) -> Any:
+        """A new step's state from `init_state(rng)`, created in place (no full copy on one device)."""
+
+    def restore(self, read: Callable[[Any], Any], abstract: Any, shardings: Any) -> Any:
+        """The step's state (or params) from `read(target)`, which restores the global one onto
+        `target`: ShapeDtypeStructs with the shardings of `abstract`'s leaves."""
+
+    def to_global(self, state: Any) -> Any:
+        """The step's state → the global state, for a checkpoint or for sampling on the host."""
+
+    def compile_step(self, make_step: Callable, shardings: TrainState) -> Callable:
+        """`make_step(axis_name=...)` compiled for this layout, state donated."""
+
+    def compile_eval(self, make_eval: Callable, shardings: TrainState) -> Callable:
+        """`make_eval(axis_name=...)` compiled for this layout: (params, batch) → replicated sums."""
+
+    def put_batch(self, local_batch: dict) -> dict:
+        """This process's rows of a global batch → device arrays the compiled step takes."""
+
+    def fetch(self, tree: Any) -> Any:
+        """Replicated device values (metrics) → numpy, on every process."""
+
+
+def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ConfigDict:
+    """A `parallel` section for a mesh of these sizes (-1: the rest of the devices)."""
+    return ConfigDict({"data": data, "fsdp": fsdp, "tensor": tensor})
+
+
+def restore_target(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `abstract`'s leaves carrying `shardings`: what a restore fills."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
 def mesh_shape(parallel_cfg, n_devices: int) -> tuple[int, int, int]:
     """Sizes of (data, fsdp, tensor); one -1 takes the rest of the devices."""
     sizes = [parallel_cfg.data, parallel_cfg.fsdp, parallel_cfg.tensor]
@@ -246,17 +303,12 @@ class MeshParallel:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, (v.shape[0] * count, *v.shape[1:]))
                 for k, v in local_batch.items()}
 
-    def restore_target(self, abstract: TrainState, shardings: TrainState):
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    def restore(self, read: Callable[[Any], Any], abstract: Any, shardings: Any) -> Any:
+        return read(restore_target(abstract, shardings))
 
     def to_global(self, state):
+        """A mesh's state is the global state already (sharded, never replicated per device)."""
         return state
-
-    def from_restored(self, state):
-        return state
-
-    def params_of(self, state: TrainState):
-        return state.params
 
     def fetch(self, tree):
         """Replicated device values → numpy (works across processes: each reads its own copy)."""
@@ -291,7 +343,7 @@ class PmapParallel:
         return jax.tree.map(lambda _: self.replicated, abstract)
 
     def init_state(self, init_state: Callable, shardings, rng) -> TrainState:
-        return self.from_restored(jax.jit(init_state, out_shardings=shardings)(rng))
+        return self._stack(jax.jit(init_state, out_shardings=shardings)(rng))
 
     def compile_step(self, make_step: Callable, shardings) -> Callable:
         return jax.pmap(make_step(axis_name=self.axis_name), axis_name=self.axis_name, donate_argnums=0)
@@ -305,8 +357,8 @@ class PmapParallel:
         return {k: jax.device_put(v.reshape(n, v.shape[0] // n, *v.shape[1:]), self.stacked)
                 for k, v in local_batch.items()}
 
-    def restore_target(self, abstract, shardings):
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    def restore(self, read: Callable[[Any], Any], abstract: Any, shardings: Any) -> Any:
+        return self._stack(read(restore_target(abstract, shardings)))
 
     def to_global(self, state):
         """Stacked per-device copies → one copy replicated on every device of every process
@@ -317,7 +369,7 @@ class PmapParallel:
 
         return jax.tree.map(one, state)
 
-    def from_restored(self, state):
+    def _stack(self, state):
         """A replicated state → a [local devices, ...] stack (once per run, through the host)."""
         n = len(self.local_devices)
 
@@ -326,9 +378,6 @@ class PmapParallel:
             return jax.make_array_from_callback((n, *host.shape), self.stacked, lambda index: host[None])
 
         return jax.tree.map(stack, state)
-
-    def params_of(self, state: TrainState):
-        return state.params
 
     def fetch(self, tree):
         return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
@@ -340,19 +389,13 @@ def build_parallel(parallel_cfg):
     if strategy == "single":
         if jax.process_count() > 1:
             raise UserError("parallel.strategy='single' runs on one device of one process; use 'mesh' for a multi-process run")
-        return MeshParallel(_single_cfg(), jax.devices()[:1])
+        return MeshParallel(mesh_config(1), jax.devices()[:1])
     if strategy == "pmap":
         if parallel_cfg.fsdp != 1 or parallel_cfg.tensor != 1 or parallel_cfg.data not in (-1, jax.device_count()):
             raise UserError("parallel.strategy='pmap' is data parallel over all devices; set parallel.fsdp=1, "
                             "parallel.tensor=1 and parallel.data=-1, or use parallel.strategy='mesh'")
         return PmapParallel()
     return MeshParallel(parallel_cfg)
-
-
-def _single_cfg():
-    from ml_collections import ConfigDict
-
-    return ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
 
 
 def check_batch(global_batch: int, grad_accum: int, parallel) -> None:

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lmjax.train.loss import batch_nll
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -29,22 +31,6 @@ def create_state(params, tx: optax.GradientTransformation, rng: jax.Array) -> Tr
                       rng=rng, skipped=jnp.zeros((), jnp.int32))
 
 
-def token_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array | None = None):
-    """Sum of negative log-likelihood over weighted targets, and the weight total (float32)."""
-    nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32), targets_BxT)
-    if weights_BxT is None:
-        weights_BxT = jnp.ones_like(nll_BxT)
-    return (nll_BxT * weights_BxT).sum(), weights_BxT.sum()
-
-
-def model_inputs(batch: dict) -> dict:
-    return {"positions_BxT": batch.get("positions"), "segment_ids_BxT": batch.get("segment_ids")}
-
-
-def _global_norm(tree) -> jax.Array:
-    return optax.tree.norm(tree)
-
-
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_schedule: Callable,
                     grad_accum: int = 1, axis_name: str | None = None, on_nan: str = "halt"):
     """Build `train_step(state, batch) -> (state, metrics)`.
@@ -56,9 +42,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
     """
 
     def nll_sum(params, micro, rng):
-        logits = model.apply({"params": params}, micro["inputs"], **model_inputs(micro),
-                             deterministic=False, rngs={"dropout": rng})
-        return token_nll(logits, micro["targets"], micro.get("weights"))
+        nll_BxT, weights_BxT = batch_nll(model, params, micro, deterministic=False, rngs={"dropout": rng})
+        return nll_BxT.sum(), weights_BxT.sum()
 
     grad_fn = jax.value_and_grad(nll_sum, has_aux=True)
 
@@ -87,22 +72,24 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
             nll, count, grads = jax.lax.psum((nll, count, grads), axis_name)
         loss = nll / count
         grads = jax.tree.map(lambda g: g / count, grads)
-        grad_norm = _global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # Finite loss and gradients can still overflow the parameters (a huge lr): check them too,
         # so a checkpoint never holds an Inf/NaN state.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(_global_norm(params))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
         if on_nan == "skip":  # keep the previous parameters and moments for a bad update
-            keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+            def keep(new, old):
+                return jnp.where(finite, new, old)
+
             params = jax.tree.map(keep, params, state.params)
             opt_state = jax.tree.map(keep, opt_state, state.opt_state)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   skipped=state.skipped + (~finite).astype(jnp.int32))
         metrics = {
             "loss": loss, "tokens": count, "grad_norm": grad_norm,
-            "update_norm": _global_norm(updates), "param_norm": _global_norm(params),
+            "update_norm": optax.tree.norm(updates), "param_norm": optax.tree.norm(params),
             "lr": lr_schedule(state.step), "finite": finite, "skipped": new_state.skipped,
         }
         return new_state, metrics
@@ -114,9 +101,8 @@ def make_eval_step(model: nn.Module, axis_name: str | None = None):
     """`eval_step(params, batch) -> {'nll': sum, 'tokens': count}` over weighted targets."""
 
     def eval_step(params, batch: dict):
-        logits = model.apply({"params": params}, batch["inputs"], **model_inputs(batch), deterministic=True)
-        nll, count = token_nll(logits, batch["targets"], batch.get("weights"))
-        out = {"nll": nll, "tokens": count}
+        nll_BxT, weights_BxT = batch_nll(model, params, batch)
+        out = {"nll": nll_BxT.sum(), "tokens": weights_BxT.sum()}
         return jax.lax.psum(out, axis_name) if axis_name else out
 
     return eval_step
