@@ -201,12 +201,20 @@ def cmd_runs(args, overrides) -> int:
     return 0
 
 
+def choices_help() -> str:
+    """The config keys that take a name, with their choices (lmjax.config.CHOICES)."""
+    from lmjax.config import CHOICES
+
+    return "config keys that take a name:\n" + "\n".join(f"  {k:24} {' | '.join(v)}" for k, v in CHOICES.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmjax", description="Train, resume, evaluate and sample language models in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train an experiment (resumes if the workdir has checkpoints)",
-                       description="Extra --config.KEY=VALUE arguments override the experiment's config.")
+                       description="Extra --config.KEY=VALUE arguments override the experiment's config.",
+                       epilog=choices_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("experiment", help="experiments/NAME.py")
     t.add_argument("--workdir", help="run directory (default runs/NAME)")
     t.add_argument("--stop-at", type=int, help="stop after this step with a checkpoint; run again to resume")

@@ -8,6 +8,7 @@ the nearest valid key instead of a silently ignored setting.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import importlib.util
 import json
@@ -18,6 +19,32 @@ from typing import Any, Iterable
 from ml_collections import ConfigDict
 
 from lmjax.errors import UserError
+from lmjax.models.transformer import TransformerConfig
+
+
+# The allowed values of every key that takes a name: validation and `lmjax train --help` read them here.
+CHOICES = {
+    "data.source": ("stdlib", "files", "hub", "saved"),
+    "data.format": ("text", "jsonl", "csv", "parquet", "arrow"),
+    "data.split_by": ("file", "line", "blank_line"),
+    "tokenizer.kind": ("byte", "char", "word", "bpe", "hf", "tiktoken"),
+    "model.kind": ("transformer", "lstm"),
+    "model.positions": ("learned", "rope", "none"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.mlp": ("gelu", "swiglu"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
+    "optim.name": ("adamw", "sgd"),
+    "optim.schedule": ("cosine", "constant", "step"),
+    "train.on_nan": ("halt", "skip"),
+    "train.dispatch_ahead": ("auto", "on", "off"),
+    "parallel.strategy": ("auto", "single", "pmap", "mesh"),
+}
+
+
+def model_defaults() -> dict:
+    """The `model` section's keys and defaults, as TransformerConfig declares them."""
+    return {f.name: f.default for f in dataclasses.fields(TransformerConfig)}
 
 
 def base_config() -> ConfigDict:
@@ -26,11 +53,11 @@ def base_config() -> ConfigDict:
     c.seed = 0  # parameter init and dropout
 
     c.data = ConfigDict()
-    c.data.source = "stdlib"  # stdlib | files | hub | saved
+    c.data.source = "stdlib"
     c.data.paths = ""  # files: comma-separated paths or globs; saved: a save_to_disk dir
-    c.data.format = "text"  # files: text | jsonl | csv | parquet | arrow
+    c.data.format = "text"  # files: the file format
     c.data.text_field = "text"
-    c.data.split_by = "file"  # text files: file | line | blank_line (one document per ...)
+    c.data.split_by = "file"  # text files: one document per file, line or blank_line
     c.data.hub_name = ""
     c.data.hub_config = ""
     c.data.train_split = "train"
@@ -47,35 +74,18 @@ def base_config() -> ConfigDict:
     c.data.max_documents = 0  # 0 = all; caps each split (for quick experiments)
 
     c.tokenizer = ConfigDict()
-    c.tokenizer.kind = "byte"  # byte | char | word | bpe | hf | tiktoken
+    c.tokenizer.kind = "byte"
     c.tokenizer.vocab_size = 0  # char / word: cap (0 = every one seen); bpe: target size (0 = 4096)
     c.tokenizer.path = ""  # hf: tokenizer.json or directory; tiktoken: a local .tiktoken file (never downloaded)
 
-    c.model = ConfigDict()
-    c.model.kind = "transformer"  # transformer | lstm
-    c.model.vocab_size = 0  # 0 = the tokenizer's
-    c.model.d_model = 128
-    c.model.n_layers = 4
-    c.model.n_heads = 4
-    c.model.n_kv_heads = 0  # 0 = n_heads; 1 = multi-query; else grouped-query
-    c.model.d_ff = 0  # 0 = 4 * d_model (gelu) or 8/3 * d_model rounded (swiglu)
-    c.model.max_len = 0  # 0 = data.seq_len
-    c.model.positions = "learned"  # learned | rope | none
-    c.model.rope_base = 10000.0
-    c.model.norm = "layernorm"  # layernorm | rmsnorm
-    c.model.norm_eps = 1e-5
-    c.model.mlp = "gelu"  # gelu | swiglu
-    c.model.bias = True
-    c.model.tie_embeddings = True
-    c.model.dropout = 0.0
-    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
-    c.model.scan_layers = False
-    c.model.remat = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    # The model's keys are TransformerConfig's fields (the LSTM reads d_model, n_layers,
+    # dropout, tie_embeddings and dtype of them), plus the kind of model.
+    c.model = ConfigDict({"kind": "transformer", **model_defaults()})
 
     c.optim = ConfigDict()
-    c.optim.name = "adamw"  # adamw | sgd
+    c.optim.name = "adamw"
     c.optim.lr = 1e-3
-    c.optim.schedule = "cosine"  # cosine | constant | step
+    c.optim.schedule = "cosine"
     c.optim.warmup_steps = 100
     c.optim.min_lr_ratio = 0.1  # cosine: final lr = lr * min_lr_ratio
     c.optim.decay_factor = 0.5  # step: lr *= decay_factor every decay_every steps ...
@@ -97,18 +107,18 @@ def base_config() -> ConfigDict:
     c.train.eval_batches = 4  # held-out batches (the same ones every time) during training
     c.train.save_every = 200
     c.train.keep = 3  # last N checkpoints kept, plus the best by held-out loss
-    c.train.on_nan = "halt"  # halt | skip
+    c.train.on_nan = "halt"
     c.train.resume = True  # resume from the latest checkpoint in the workdir
     c.train.peak_flops = 0.0  # per device, for MFU; 0 = table or a measured probe
     c.train.profile_steps = 0  # >0: trace this many steps with jax.profiler
-    # Queue step k+1 before step k ends: auto | on | off. auto = on, except on CPU with
+    # Queue step k+1 before step k ends. auto = on, except on CPU with
     # lmjax.scratch_cache loaded: one step at a time lets XLA reuse its scratch memory.
     c.train.dispatch_ahead = "auto"
     c.train.tensorboard = True
     c.train.wandb = False
 
     c.parallel = ConfigDict()
-    c.parallel.strategy = "auto"  # auto | single | pmap | mesh
+    c.parallel.strategy = "auto"
     c.parallel.data = -1  # mesh axis sizes; -1 = the rest of the devices
     c.parallel.fsdp = 1
     c.parallel.tensor = 1
@@ -251,24 +261,7 @@ def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
 
 def validate(cfg: ConfigDict) -> None:
     """Check choices and ranges that a type check cannot; raise UserError naming the key."""
-    choices = {
-        "data.source": ("stdlib", "files", "hub", "saved"),
-        "data.format": ("text", "jsonl", "csv", "parquet", "arrow"),
-        "data.split_by": ("file", "line", "blank_line"),
-        "tokenizer.kind": ("byte", "char", "word", "bpe", "hf", "tiktoken"),
-        "model.kind": ("transformer", "lstm"),
-        "model.positions": ("learned", "rope", "none"),
-        "model.norm": ("layernorm", "rmsnorm"),
-        "model.mlp": ("gelu", "swiglu"),
-        "model.dtype": ("float32", "bfloat16"),
-        "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
-        "optim.name": ("adamw", "sgd"),
-        "optim.schedule": ("cosine", "constant", "step"),
-        "train.on_nan": ("halt", "skip"),
-        "train.dispatch_ahead": ("auto", "on", "off"),
-        "parallel.strategy": ("auto", "single", "pmap", "mesh"),
-    }
-    for key, allowed in choices.items():
+    for key, allowed in CHOICES.items():
         value = get(cfg, key)
         if value not in allowed:
             raise UserError(f"config key '{key}' is '{value}'; choose one of {', '.join(allowed)}")

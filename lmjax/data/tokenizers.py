@@ -6,59 +6,17 @@ and sample load back; nothing is pickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from lmjax.data import vocab_tokenizers
+from lmjax.data.tokenizer_base import EOT, META, Tokenizer
 from lmjax.errors import UserError
 
-META = "lmjax_tokenizer.json"
-EOT = "<|endoftext|>"
-
-
-class Tokenizer:
-    """Base class. Subclasses set `kind`, `vocab_size`, `eot_id` and implement the methods."""
-
-    kind: str
-    vocab_size: int
-    eot_id: int
-
-    def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
-
-    def encode_batch(self, texts: Sequence[str]) -> list[Sequence[int]]:
-        """The ids of each text, as lists or int32 arrays."""
-        return [self.encode(t) for t in texts]
-
-    def decode(self, ids: Iterable[int]) -> str:
-        raise NotImplementedError
-
-    def decode_after(self, prefix_ids: Sequence[int], ids: Sequence[int]) -> str:
-        """The text `ids` add after `prefix_ids`: decoded together, so a word tokenizer puts its
-        space between them and a byte-level one completes a character split across them."""
-        prefix = self.decode(prefix_ids)
-        whole = self.decode([*prefix_ids, *ids])
-        return whole[len(prefix):] if whole.startswith(prefix) else self.decode(ids)
-
-    def token_bytes(self) -> np.ndarray:
-        """int32[vocab_size]: UTF-8 bytes of text each id stands for (0 for specials)."""
-        raise NotImplementedError
-
-    def state(self) -> dict:
-        """JSON-able content that, with `kind`, rebuilds this tokenizer."""
-        return {}
-
-    def save(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / META).write_text(json.dumps({"kind": self.kind, **self.state()}))
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps({"kind": self.kind, **self.state()}, sort_keys=True).encode()).hexdigest()[:16]
-
+__all__ = ["EOT", "META", "ByteTokenizer", "HFTokenizer", "Tokenizer", "build_tokenizer", "load_tokenizer"]
 
 class ByteTokenizer(Tokenizer):
     """UTF-8 bytes 0..255, then <|endoftext|> = 256. Round-trips any text."""
@@ -167,8 +125,6 @@ def build_tokenizer(cfg, train_texts: Iterable[str]) -> Tokenizer:
         if not cfg.path:
             raise UserError("tokenizer.kind='hf' needs tokenizer.path: a tokenizer.json file or a directory holding one")
         return load_hf(cfg.path)
-    from lmjax.data import vocab_tokenizers
-
     return vocab_tokenizers.build(cfg, train_texts)
 
 
@@ -186,6 +142,4 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         from tokenizers import Tokenizer as HFTok
 
         return HFTokenizer(HFTok.from_file(str(directory / meta["file"])), kind, meta.get("eot", EOT))
-    from lmjax.data import vocab_tokenizers
-
     return vocab_tokenizers.from_state(meta, directory)

@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from lmjax.data.tokenizers import EOT, META, Tokenizer
+from lmjax.data.tokenizer_base import EOT, META, Tokenizer
 from lmjax.errors import UserError
 
 UNK = "<unk>"

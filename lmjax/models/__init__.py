@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from lmjax.models.lstm import LSTMConfig, LSTMLanguageModel
 from lmjax.models.transformer import Transformer, TransformerConfig
 
 
 def build_model(model_cfg, vocab_size: int, seq_len: int) -> nn.Module:
     """The module for config section `model`, sized for the tokenizer's vocabulary."""
     if model_cfg.kind == "lstm":
-        from lmjax.models.lstm import LSTMConfig, LSTMLanguageModel
-
         return LSTMLanguageModel(LSTMConfig.from_config(model_cfg, vocab_size))
     return Transformer(TransformerConfig.from_config(model_cfg, vocab_size, seq_len))

@@ -21,24 +21,35 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-    vocab_size: int
+    """The model's keys, declared once: `lmjax.config.base_config()` builds its `model` section
+    from these fields and defaults, and `TransformerConfig(**section)` reads it back.
+    0 means "derive it" where a comment says so."""
+
+    vocab_size: int = 0  # 0 = the tokenizer's
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
-    n_kv_heads: int = 4
-    d_ff: int = 512
-    max_len: int = 128
-    positions: str = "learned"  # learned | rope | none
+    n_kv_heads: int = 0  # 0 = n_heads; 1 = multi-query; else grouped-query
+    d_ff: int = 0  # 0 = 4 * d_model (gelu) or 8/3 * d_model rounded up to a multiple of 256 (swiglu)
+    max_len: int = 0  # 0 = data.seq_len
+    positions: str = "learned"
     rope_base: float = 10000.0
-    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm: str = "layernorm"
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # gelu | swiglu
+    mlp: str = "gelu"
     bias: bool = True
     tie_embeddings: bool = True
     dropout: float = 0.0
-    dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype; parameters stay float32
     scan_layers: bool = False
     remat: str = "none"
+
+    def __post_init__(self):  # derive what 0 leaves open and the fields alone decide
+        if not self.n_kv_heads:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if not self.d_ff:
+            swiglu = 256 * math.ceil(8 * self.d_model / 3 / 256)
+            object.__setattr__(self, "d_ff", 4 * self.d_model if self.mlp == "gelu" else swiglu)
 
     @property
     def head_dim(self) -> int:
@@ -46,15 +57,10 @@ class TransformerConfig:
 
     @classmethod
     def from_config(cls, m, vocab_size: int, seq_len: int) -> "TransformerConfig":
-        """Resolve the `model` config section (0 = derive) into a complete config."""
-        d_ff = m.d_ff or (4 * m.d_model if m.mlp == "gelu" else 256 * math.ceil(8 * m.d_model / 3 / 256))
-        return cls(
-            vocab_size=m.vocab_size or vocab_size, d_model=m.d_model, n_layers=m.n_layers,
-            n_heads=m.n_heads, n_kv_heads=m.n_kv_heads or m.n_heads, d_ff=d_ff,
-            max_len=m.max_len or seq_len, positions=m.positions, rope_base=m.rope_base,
-            norm=m.norm, norm_eps=m.norm_eps, mlp=m.mlp, bias=m.bias,
-            tie_embeddings=m.tie_embeddings, dropout=m.dropout, dtype=m.dtype,
-            scan_layers=m.scan_layers, remat=m.remat)
+        """The `model` config section, with the tokenizer's vocabulary and the data's sequence
+        length where it leaves them 0."""
+        keys = {f.name: m[f.name] for f in dataclasses.fields(cls)}
+        return cls(**{**keys, "vocab_size": m.vocab_size or vocab_size, "max_len": m.max_len or seq_len})
 
 
 def as_rows(x_BxTxD: Array) -> Array:
