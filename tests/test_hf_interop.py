@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
+from lmjax import interop
 from lmjax.errors import UserError
-from lmjax.interop import hf as interop
 from lmjax.models.transformer import Transformer, TransformerConfig
 
 # Max abs difference of logits (std ~4). Typical: 3e-6 to 9e-6. In 2 of 9 full CI runs
