@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from lmjax.errors import UserError
-from lmjax.interop.mapping import Tensors, layer_params, model_params, required, unmet
+from lmjax.interop.mapping import Tensors, f32, layer_params, model_params, required, unmet
 from lmjax.models.transformer import TransformerConfig
 
 NAME = "GPT-2"
@@ -88,39 +88,31 @@ def params_from_hf(tensors: dict[str, np.ndarray], c: TransformerConfig) -> dict
         })
     top = {"wte": t.take("wte.weight", (c.vocab_size, D)), "wpe": t.take("wpe.weight", (c.max_len, D)),
            "norm_f": norm("ln_f")}
-    if c.tie_embeddings:
-        t.drop("lm_head.weight")  # a tied copy, when saved at all
-    else:
-        top["lm_head"] = t.take("lm_head.weight", (c.vocab_size, D)).T
-    t.finish()
-    return model_params(top, blocks, c)
+    return model_params(t, top, blocks, c)
 
 
 def hf_from_params(params: dict, c: TransformerConfig) -> dict[str, np.ndarray]:
     """lmjax params (host arrays) → GPT-2 tensors (by name), float32."""
     D, N, H = c.d_model, c.n_heads, c.head_dim
 
-    def a(x):
-        return np.asarray(x, np.float32)
-
     def bias(d, shape):  # a model without biases is GPT-2 with zero biases (LayerNorm included)
-        return a(d["bias"]) if "bias" in d else np.zeros(shape, np.float32)
+        return f32(d["bias"]) if "bias" in d else np.zeros(shape, np.float32)
 
     out = {}
     for i, block in enumerate(layer_params(params, c)):
         p, at, mlp = f"transformer.h.{i}.", block["attn"], block["mlp"]
         qkv = ("query", "key", "value")
-        out[p + "ln_1.weight"], out[p + "ln_1.bias"] = a(block["norm1"]["scale"]), bias(block["norm1"], D)
-        out[p + "attn.c_attn.weight"] = np.concatenate([a(at[n]["kernel"]).reshape(D, D) for n in qkv], 1)
+        out[p + "ln_1.weight"], out[p + "ln_1.bias"] = f32(block["norm1"]["scale"]), bias(block["norm1"], D)
+        out[p + "attn.c_attn.weight"] = np.concatenate([f32(at[n]["kernel"]).reshape(D, D) for n in qkv], 1)
         out[p + "attn.c_attn.bias"] = np.concatenate([bias(at[n], (N, H)).reshape(D) for n in qkv])
-        out[p + "attn.c_proj.weight"] = a(at["out"]["kernel"]).reshape(D, D)
+        out[p + "attn.c_proj.weight"] = f32(at["out"]["kernel"]).reshape(D, D)
         out[p + "attn.c_proj.bias"] = bias(at["out"], D)
-        out[p + "ln_2.weight"], out[p + "ln_2.bias"] = a(block["norm2"]["scale"]), bias(block["norm2"], D)
-        out[p + "mlp.c_fc.weight"], out[p + "mlp.c_fc.bias"] = a(mlp["fc"]["kernel"]), bias(mlp["fc"], c.d_ff)
-        out[p + "mlp.c_proj.weight"], out[p + "mlp.c_proj.bias"] = a(mlp["proj"]["kernel"]), bias(mlp["proj"], D)
-    out["transformer.wte.weight"], out["transformer.wpe.weight"] = a(params["wte"]), a(params["wpe"])
-    out["transformer.ln_f.weight"] = a(params["norm_f"]["scale"])
+        out[p + "ln_2.weight"], out[p + "ln_2.bias"] = f32(block["norm2"]["scale"]), bias(block["norm2"], D)
+        out[p + "mlp.c_fc.weight"], out[p + "mlp.c_fc.bias"] = f32(mlp["fc"]["kernel"]), bias(mlp["fc"], c.d_ff)
+        out[p + "mlp.c_proj.weight"], out[p + "mlp.c_proj.bias"] = f32(mlp["proj"]["kernel"]), bias(mlp["proj"], D)
+    out["transformer.wte.weight"], out["transformer.wpe.weight"] = f32(params["wte"]), f32(params["wpe"])
+    out["transformer.ln_f.weight"] = f32(params["norm_f"]["scale"])
     out["transformer.ln_f.bias"] = bias(params["norm_f"], D)
     if not c.tie_embeddings:
-        out["lm_head.weight"] = a(params["lm_head"]).T
+        out["lm_head.weight"] = f32(params["lm_head"]).T
     return out

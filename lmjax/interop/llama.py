@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from lmjax.errors import UserError
-from lmjax.interop.mapping import Tensors, layer_params, model_params, required, unmet
+from lmjax.interop.mapping import Tensors, f32, layer_params, model_params, required, unmet
 from lmjax.models.transformer import TransformerConfig
 
 NAME = "LLaMA"
@@ -98,33 +98,25 @@ def params_from_hf(tensors: dict[str, np.ndarray], c: TransformerConfig) -> dict
         })
     top = {"wte": t.take("model.embed_tokens.weight", (c.vocab_size, D)),
            "norm_f": {"scale": t.take("model.norm.weight", (D,))}}
-    if c.tie_embeddings:
-        t.drop("lm_head.weight")
-    else:
-        top["lm_head"] = t.take("lm_head.weight", (c.vocab_size, D)).T
-    t.finish()
-    return model_params(top, blocks, c)
+    return model_params(t, top, blocks, c)
 
 
 def hf_from_params(params: dict, c: TransformerConfig) -> dict[str, np.ndarray]:
     """lmjax params (host arrays) → LLaMA tensors (by name), float32."""
     D, N, H = c.d_model, c.n_heads, c.head_dim
 
-    def a(x):
-        return np.asarray(x, np.float32)
-
     out = {}
     for i, block in enumerate(layer_params(params, c)):
         p, at, mlp = f"model.layers.{i}.", block["attn"], block["mlp"]
-        out[p + "input_layernorm.weight"] = a(block["norm1"]["scale"])
+        out[p + "input_layernorm.weight"] = f32(block["norm1"]["scale"])
         for name, hf_name in QKV:
-            out[p + f"self_attn.{hf_name}.weight"] = a(at[name]["kernel"]).reshape(D, -1).T
-        out[p + "self_attn.o_proj.weight"] = a(at["out"]["kernel"]).reshape(N * H, D).T
-        out[p + "post_attention_layernorm.weight"] = a(block["norm2"]["scale"])
+            out[p + f"self_attn.{hf_name}.weight"] = f32(at[name]["kernel"]).reshape(D, -1).T
+        out[p + "self_attn.o_proj.weight"] = f32(at["out"]["kernel"]).reshape(N * H, D).T
+        out[p + "post_attention_layernorm.weight"] = f32(block["norm2"]["scale"])
         for name, hf_name in MLP:
-            out[p + f"mlp.{hf_name}.weight"] = a(mlp[name]["kernel"]).T
-    out["model.embed_tokens.weight"] = a(params["wte"])
-    out["model.norm.weight"] = a(params["norm_f"]["scale"])
+            out[p + f"mlp.{hf_name}.weight"] = f32(mlp[name]["kernel"]).T
+    out["model.embed_tokens.weight"] = f32(params["wte"])
+    out["model.norm.weight"] = f32(params["norm_f"]["scale"])
     if not c.tie_embeddings:
-        out["lm_head.weight"] = a(params["lm_head"]).T
+        out["lm_head.weight"] = f32(params["lm_head"]).T
     return out

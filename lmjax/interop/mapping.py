@@ -50,10 +50,21 @@ def unmet(c: TransformerConfig, needs: dict) -> list[str]:
     return [f"model.{k}={getattr(c, k)!r} (needs {v!r})" for k, v in needs.items() if getattr(c, k) != v]
 
 
-def model_params(top: dict, blocks: list[dict], c: TransformerConfig) -> dict:
-    """The non-block params and each block's params → lmjax params in `c`'s layout."""
+def model_params(t: Tensors, top: dict, blocks: list[dict], c: TransformerConfig) -> dict:
+    """The non-block params and each block's params → lmjax params in `c`'s layout, with the
+    output head from `t`'s 'lm_head.weight' [V, D]; every tensor of `t` must have been used."""
+    if c.tie_embeddings:
+        t.drop("lm_head.weight")  # a tied copy, when saved at all
+    else:
+        top = {**top, "lm_head": t.take("lm_head.weight", (c.vocab_size, c.d_model)).T}
+    t.finish()
     params = {**top, **{f"block_{i}": block for i, block in enumerate(blocks)}}
     return stack_layers(params, c.n_layers) if c.scan_layers else params
+
+
+def f32(x) -> np.ndarray:
+    """A host float32 copy of `x`, as transformers loads it."""
+    return np.asarray(x, np.float32)
 
 
 def layer_params(params: dict, c: TransformerConfig) -> list[dict]:
