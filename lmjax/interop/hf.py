@@ -21,18 +21,18 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import jax
-import numpy as np
 from ml_collections import ConfigDict
 
 from lmjax import config as config_lib
 from lmjax.checkpoint import Checkpoints
-from lmjax.data.tokenizers import HFTokenizer, Tokenizer
+from lmjax.data.tokenizer_base import Tokenizer
+from lmjax.data.tokenizers import HFTokenizer
 from lmjax.errors import UserError
 from lmjax.interop import gpt2, llama
 from lmjax.interop.hf_tokenizer import resolve_tokenizer
 from lmjax.interop.safetensors_io import WEIGHTS, find_weights, read_hf_config, read_weights, write_safetensors
 from lmjax.models.transformer import TransformerConfig
-from lmjax.run import build_run, load_run, probe_writable, write_config
+from lmjax.run import build_run, count_params, load_run, probe_writable, write_config
 from lmjax.train.parallel import build_parallel
 
 FAMILIES = {"gpt2": gpt2, "llama": llama}  # Hugging Face model_type → its mapping
@@ -137,9 +137,9 @@ def import_hf(src: str | Path, out: str | Path, tokenizer: str | None = None, ov
     c = TransformerConfig.from_config(cfg.model, tok.vocab_size, cfg.data.seq_len)
     params = FAMILIES[family].params_from_hf(read_weights(files), c)
     run_dir = write_run(cfg, out, tok, params)
-    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    log(f"imported {family} ({n / 1e6:.2f}M parameters, vocabulary {c.vocab_size}, tokenizer {tok.kind}) "
-        f"from {src} into {run_dir} as step 0; try `lmjax eval {run_dir}` or `lmjax sample {run_dir}`")
+    log(f"imported {family} ({count_params(params) / 1e6:.2f}M parameters, vocabulary {c.vocab_size}, "
+        f"tokenizer {tok.kind}) from {src} into {run_dir} as step 0; "
+        f"try `lmjax eval {run_dir}` or `lmjax sample {run_dir}`")
     return run_dir
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as RawTokenizer
 
-from lmjax.data.tokenizers import EOT, META, ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from lmjax.data.tokenizer_base import EOT, META, Tokenizer
+from lmjax.data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
 from lmjax.errors import UserError
 
 
