@@ -11,9 +11,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -53,13 +54,15 @@ class Run:
 
     def restore(self, ckpts: Checkpoints, step: int):
         """The step's state at checkpoint `step`, laid out for this run's devices."""
-        return self.parallel.restore(lambda target: ckpts.restore_state(step, target), self.abstract_state(),
-                                     self.shardings)
+        return self.parallel.restore(
+            lambda target: ckpts.restore_state(step, target), self.abstract_state(), self.shardings
+        )
 
     def restore_params(self, ckpts: Checkpoints, step: int):
         """Only the parameters at `step`, laid out as in training (for eval and sample)."""
-        return self.parallel.restore(lambda target: ckpts.restore_params(step, target), self.abstract_state().params,
-                                     self.shardings.params)
+        return self.parallel.restore(
+            lambda target: ckpts.restore_params(step, target), self.abstract_state().params, self.shardings.params
+        )
 
 
 def build_run(cfg, run_dir: Path, vocab_size: int, parallel: Parallel | None = None) -> Run:
@@ -96,14 +99,20 @@ def probe_writable(run_dir: Path) -> None:
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             probe.unlink(missing_ok=True)
-            raise UserError(f"the run directory {run_dir} has no room to write ({e.strerror}); free disk space or "
-                            "choose another --workdir") from None
+            raise UserError(
+                f"the run directory {run_dir} has no room to write ({e.strerror}); free disk space or "
+                "choose another --workdir"
+            ) from None
         if e.errno in (errno.EEXIST, errno.ENOTDIR):
             blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), run_dir)
-            raise UserError(f"the run directory {run_dir} is not a directory (a file is in the way: {blocker}); "
-                            "choose another --workdir") from None
-        raise UserError(f"the run directory {run_dir} is not writable ({e.strerror}); choose another --workdir "
-                        "or fix its permissions") from None
+            raise UserError(
+                f"the run directory {run_dir} is not a directory (a file is in the way: {blocker}); "
+                "choose another --workdir"
+            ) from None
+        raise UserError(
+            f"the run directory {run_dir} is not writable ({e.strerror}); choose another --workdir "
+            "or fix its permissions"
+        ) from None
 
 
 def write_config(cfg, run_dir: Path) -> None:
@@ -133,9 +142,11 @@ def tokenizer_record(tokenizer: Tokenizer) -> dict:
 def check_tokenizer(ckpts: Checkpoints, step: int, tokenizer: Tokenizer, tokenizer_dir: Path) -> None:
     saved = ckpts.restore_tokenizer(step)
     if saved is not None and saved.get("fingerprint") != tokenizer.fingerprint():
-        raise UserError(f"the tokenizer in {tokenizer_dir} ({tokenizer.kind}, {tokenizer.vocab_size} ids) is not the "
-                        f"one checkpoint step {step} was trained with ({saved.get('kind')}, {saved.get('vocab_size')} "
-                        f"ids); put the run's own tokenizer back in {tokenizer_dir}, or train in a new --workdir")
+        raise UserError(
+            f"the tokenizer in {tokenizer_dir} ({tokenizer.kind}, {tokenizer.vocab_size} ids) is not the "
+            f"one checkpoint step {step} was trained with ({saved.get('kind')}, {saved.get('vocab_size')} "
+            f"ids); put the run's own tokenizer back in {tokenizer_dir}, or train in a new --workdir"
+        )
 
 
 def check_resume(cfg, ckpts: Checkpoints, step: int, log: Callable[[str], None]) -> None:
@@ -143,8 +154,10 @@ def check_resume(cfg, ckpts: Checkpoints, step: int, log: Callable[[str], None])
     saved = config_lib.from_json(json.dumps(ckpts.restore_config(step)))
     refused, allowed = config_lib.resume_differences(saved, cfg)
     if refused:
-        raise UserError(f"cannot resume from step {step}: the config changes the model or data "
-                        f"({'; '.join(refused)}); undo these changes or train in a new --workdir")
+        raise UserError(
+            f"cannot resume from step {step}: the config changes the model or data "
+            f"({'; '.join(refused)}); undo these changes or train in a new --workdir"
+        )
     for line in allowed:
         log(f"resume: config change allowed: {line}")
 
@@ -156,8 +169,9 @@ def load_run(run_dir: str | Path, which: str = "latest"):
     they were saved from."""
     run_dir = Path(run_dir).absolute()
     if not (run_dir / "config.json").is_file():
-        raise UserError(f"{run_dir} is not an lmjax run directory (no config.json); "
-                        "pass the --workdir of a `lmjax train` run")
+        raise UserError(
+            f"{run_dir} is not an lmjax run directory (no config.json); pass the --workdir of a `lmjax train` run"
+        )
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     ckpts = Checkpoints(run_dir / "checkpoints", read_only=True)
     try:

@@ -54,14 +54,21 @@ def main() -> None:
         p.error(f"--prompt-len + max(--new) = {args.prompt_len + max(args.new)} exceeds --context {args.context}")
 
     c = base_config()
-    c.model.n_layers, c.model.d_model, c.model.n_heads, c.model.max_len = args.layers, args.width, args.heads, args.context
+    c.model.n_layers, c.model.d_model, c.model.n_heads, c.model.max_len = (
+        args.layers,
+        args.width,
+        args.heads,
+        args.context,
+    )
     model = build_model(c.model, VOCAB, args.context)
     params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
     n_params = sum(x.size for x in jax.tree.leaves(params))
     prompts = np.random.default_rng(0).integers(0, 256, (args.batch, args.prompt_len)).astype(np.int32)
-    print(f"device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}); model: {args.layers} layers, "
-          f"width {args.width}, {args.heads} heads, context {args.context}, {n_params / 1e6:.2f}M parameters; "
-          f"batch {args.batch}, prompt {args.prompt_len} tokens, greedy")
+    print(
+        f"device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}); model: {args.layers} layers, "
+        f"width {args.width}, {args.heads} heads, context {args.context}, {n_params / 1e6:.2f}M parameters; "
+        f"batch {args.batch}, prompt {args.prompt_len} tokens, greedy"
+    )
     print(f"{'new tokens':>10} {'cached tok/s':>14} {'no-cache tok/s':>15} {'speed-up':>9}")
     for new in args.new:
         total = args.prompt_len + new
@@ -69,15 +76,18 @@ def main() -> None:
         cached()  # compile
         t_cached, out_cached = best_time(cached, args.repeats)
 
-        buffer = jnp.zeros((args.batch, total), jnp.int32).at[:, :args.prompt_len].set(prompts)
+        buffer = jnp.zeros((args.batch, total), jnp.int32).at[:, : args.prompt_len].set(prompts)
         lens = jnp.full((args.batch,), args.prompt_len, jnp.int32)
         compiled = greedy_without_cache.lower(model, params, buffer, lens).compile()
         t_full, out_full = best_time(lambda: compiled(params, buffer, lens), args.no_cache_repeats)
 
-        same = np.array_equal(np.asarray(out_full)[:, args.prompt_len:], np.asarray(out_cached))
+        same = np.array_equal(np.asarray(out_full)[:, args.prompt_len :], np.asarray(out_cached))
         n_tokens = args.batch * new
-        print(f"{new:>10} {n_tokens / t_cached:>14.1f} {n_tokens / t_full:>15.1f} {t_full / t_cached:>8.1f}x"
-              f"   (same tokens: {same})", flush=True)
+        print(
+            f"{new:>10} {n_tokens / t_cached:>14.1f} {n_tokens / t_full:>15.1f} {t_full / t_cached:>8.1f}x"
+            f"   (same tokens: {same})",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -39,9 +39,14 @@ from lmjax import scratch_cache  # noqa: E402
 if __name__ == "__main__":
     scratch_cache.use_in_this_process()  # profile the step as `lmjax train` runs it
 DUMP = tempfile.mkdtemp(prefix="lmjax_hlo_")
-os.environ["XLA_FLAGS"] = " ".join([
-    os.environ.get("XLA_FLAGS", ""), f"--xla_dump_to={DUMP}", "--xla_dump_hlo_as_text",
-    "--xla_dump_hlo_module_re=.*train_step.*"])
+os.environ["XLA_FLAGS"] = " ".join(
+    [
+        os.environ.get("XLA_FLAGS", ""),
+        f"--xla_dump_to={DUMP}",
+        "--xla_dump_hlo_as_text",
+        "--xla_dump_hlo_module_re=.*train_step.*",
+    ]
+)
 # A persistent-cache hit compiles nothing and so dumps no HLO: this process always compiles.
 os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -75,12 +80,22 @@ def products(path: str) -> list[dict]:
         shapes[name] = shape
         if op != "dot":
             continue
-        numbers = {key: dim_list(rest, key)
-                   for key in ("lhs_contracting_dims", "rhs_contracting_dims", "lhs_batch_dims", "rhs_batch_dims")}
+        numbers = {
+            key: dim_list(rest, key)
+            for key in ("lhs_contracting_dims", "rhs_contracting_dims", "lhs_batch_dims", "rhs_batch_dims")
+        }
         lhs, rhs = (dims(shapes[x]) for x in re.findall(r"%([\w.\-]+)", rest.split(")")[0])[:2])
         k = math.prod(lhs[i] for i in numbers["lhs_contracting_dims"])
-        out.append({"name": name, "top_level": in_entry, "lhs": lhs, "rhs": rhs,
-                    **numbers, "flops": 2 * math.prod(dims(shape)) * k})
+        out.append(
+            {
+                "name": name,
+                "top_level": in_entry,
+                "lhs": lhs,
+                "rhs": rhs,
+                **numbers,
+                "flops": 2 * math.prod(dims(shape)) * k,
+            }
+        )
     return out
 
 
@@ -109,8 +124,10 @@ def products_alone_seconds(found: list[dict], repeats: int = 10) -> float:
     call = best(jax.jit(lambda x: x + 1), jnp.ones(()))
     total = 0.0
     for p in found:
-        numbers = ((tuple(p["lhs_contracting_dims"]), tuple(p["rhs_contracting_dims"])),
-                   (tuple(p["lhs_batch_dims"]), tuple(p["rhs_batch_dims"])))
+        numbers = (
+            (tuple(p["lhs_contracting_dims"]), tuple(p["rhs_contracting_dims"])),
+            (tuple(p["lhs_batch_dims"]), tuple(p["rhs_batch_dims"])),
+        )
         fn = jax.jit(lambda a, b, n=numbers: jax.lax.dot_general(a, b, n))
         total += best(fn, jnp.full(p["lhs"], 0.01), jnp.full(p["rhs"], 0.01)) - call
     return total
@@ -208,24 +225,37 @@ def main():
     from lmjax.flops import flops_per_token
     from lmjax.models.transformer import TransformerConfig
 
-    model_flops = flops_per_token(TransformerConfig.from_config(cfg.model, vocab, cfg.data.seq_len), cfg.data.seq_len) \
-        * cfg.train.batch_size * cfg.data.seq_len
+    model_flops = (
+        flops_per_token(TransformerConfig.from_config(cfg.model, vocab, cfg.data.seq_len), cfg.data.seq_len)
+        * cfg.train.batch_size
+        * cfg.data.seq_len
+    )
     peak = bench_train.matmul_peak()
-    print(f"model FLOPs per step {model_flops / 1e9:.2f} G; matmul peak {peak / 1e9:.0f} GFLOP/s (probe); "
-          f"MFU of this profile {model_flops / (total / 1e3) / peak:.1%}")
+    print(
+        f"model FLOPs per step {model_flops / 1e9:.2f} G; matmul peak {peak / 1e9:.0f} GFLOP/s (probe); "
+        f"MFU of this profile {model_flops / (total / 1e3) / peak:.1%}"
+    )
     # The ceiling the matrix kernels allow: the step's products, each timed alone.
     found = products(hlo_path)
     flops, seconds = sum(p["flops"] for p in found), products_alone_seconds(found)
-    print(f"the {len(found)} matrix and attention products run alone, one after another: {seconds * 1e3:.1f} ms for "
-          f"{flops / 1e9:.2f} GFLOP ({flops / seconds / peak:.0%} of the probe); MFU if nothing else ran: "
-          f"{model_flops / seconds / peak:.1%}")
+    print(
+        f"the {len(found)} matrix and attention products run alone, one after another: {seconds * 1e3:.1f} ms for "
+        f"{flops / 1e9:.2f} GFLOP ({flops / seconds / peak:.0%} of the probe); MFU if nothing else ran: "
+        f"{model_flops / seconds / peak:.1%}"
+    )
     too_fast = {n: f for n, f in library_dot_flops(found).items() if n in per_step and f / (per_step[n] / 1e3) > peak}
     if too_fast:
-        print(f"{len(too_fast)} library products ({sum(per_step[n] for n in too_fast):.1f} ms) traced faster than the peak: "
-              f"they run asynchronously, and their work ({sum(too_fast.values()) / 1e9:.2f} GFLOP) is counted in the "
-              f"ops that overlap them (marked * below)")
-    for title, key in (("by kind", lambda n: hlo[n][1]), ("by origin", lambda n: origin(hlo[n][2])),
-                       ("by origin and kind", lambda n: f"{origin(hlo[n][2])}: {hlo[n][1]}")):
+        print(
+            f"{len(too_fast)} library products ({sum(per_step[n] for n in too_fast):.1f} ms) traced faster than the "
+            "peak: "
+            f"they run asynchronously, and their work ({sum(too_fast.values()) / 1e9:.2f} GFLOP) is counted in the "
+            f"ops that overlap them (marked * below)"
+        )
+    for title, key in (
+        ("by kind", lambda n: hlo[n][1]),
+        ("by origin", lambda n: origin(hlo[n][2])),
+        ("by origin and kind", lambda n: f"{origin(hlo[n][2])}: {hlo[n][1]}"),
+    ):
         groups = collections.Counter()
         for n, t in per_step.items():
             groups[key(n)] += t
@@ -234,7 +264,7 @@ def main():
             print(f"  {g:40} {t:9.2f} ms {t / total:6.1%}")
     listed = [n for n in per_step if not a.kinds or hlo[n][1] in a.kinds]
     print(f"top {a.top} ops{' of kinds ' + ', '.join(a.kinds) if a.kinds else ''} (HLO in {DUMP}):")
-    for n in sorted(listed, key=lambda n: -per_step[n])[:a.top]:
+    for n in sorted(listed, key=lambda n: -per_step[n])[: a.top]:
         shape, k, meta = hlo[n]
         mark = "*" if n in too_fast else " "
         print(f"  {per_step[n]:8.2f} ms{mark} {k:18} {shape:34} {origin(meta):20} {n:28} {meta.split('/')[-1]}")

@@ -44,7 +44,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()
@@ -78,6 +78,10 @@ def test_every_module_is_small():
 
 def test_no_private_library_internals():
     private = re.compile(r"jax\._src|orbax\.checkpoint\._src|datasets\.[\w.]*\._|\._fingerprint\b|sys\._getframe")
-    found = [f"{m}: {line.strip()}" for m, p in modules().items()
-             for line in p.read_text().splitlines() if private.search(line)]
+    found = [
+        f"{m}: {line.strip()}"
+        for m, p in modules().items()
+        for line in p.read_text().splitlines()
+        if private.search(line)
+    ]
     assert not found, "private library internals used:\n" + "\n".join(found)

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from lmjax.data.batches import Prefetcher, TrainBatches, document_positions, heldout_subset, windows
+from lmjax.data.batches import Prefetcher, TrainBatches, document_positions, heldout_subset
 from lmjax.data.cache import TokenSplit
 from lmjax.errors import UserError
 
@@ -31,8 +31,10 @@ def reference_window_ids(b: TrainBatches, step: int) -> np.ndarray:
     """The original per-row loop that the vectorised window_ids must reproduce."""
     flat = np.arange(step * b.global_batch, (step + 1) * b.global_batch, dtype=np.int64)
     epochs, positions = np.divmod(flat, b.n_windows)
-    return np.array([np.random.default_rng([b.seed, int(e)]).permutation(b.n_windows)[p]
-                     for e, p in zip(epochs, positions)], np.int64)
+    return np.array(
+        [np.random.default_rng([b.seed, int(e)]).permutation(b.n_windows)[p] for e, p in zip(epochs, positions)],
+        np.int64,
+    )
 
 
 @pytest.mark.parametrize("seq_len,batch", [(16, 8), (32, 12), (300, 8)])  # (300, 8): 3 windows, a step spans epochs
@@ -48,8 +50,10 @@ def test_global_batch_is_the_same_for_1_2_and_4_processes(document_mask):
     for step in (0, 1, 7, 8, 63, 64, 200):  # 63 windows: steps 7-8 cross an epoch
         whole = single(step)
         for count in (2, 4):
-            parts = [TrainBatches(SPLIT, 16, 8, seed=3, block=(i, count),
-                                  document_mask=document_mask)(step) for i in range(count)]
+            parts = [
+                TrainBatches(SPLIT, 16, 8, seed=3, block=(i, count), document_mask=document_mask)(step)
+                for i in range(count)
+            ]
             assert all(len(p["inputs"]) == 8 // count for p in parts)
             for key in whole:
                 np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
@@ -79,7 +83,7 @@ def test_windows_are_shifted_slices_of_the_stream():
     b = TrainBatches(SPLIT, 16, 4, seed=0)
     batch = b(3)
     for row, w in enumerate(b.window_ids(3)):
-        chunk = SPLIT.tokens[w * 16: w * 16 + 17].astype(np.int32)
+        chunk = SPLIT.tokens[w * 16 : w * 16 + 17].astype(np.int32)
         np.testing.assert_array_equal(batch["inputs"][row], chunk[:-1])
         np.testing.assert_array_equal(batch["targets"][row], chunk[1:])
     assert batch["inputs"].dtype == np.int32 and set(batch) == {"inputs", "targets"}
@@ -132,7 +136,7 @@ def test_document_mask_hides_the_previous_document():
     cfg = base_config()
     cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads = 32, 2, 2
     model = build_model(cfg.model, 100, 24)
-    one = {k: v[row:row + 1] for k, v in batch.items()}
+    one = {k: v[row : row + 1] for k, v in batch.items()}
     params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.asarray(one["inputs"]))["params"])
     changed = dict(one, inputs=np.where(before, (one["inputs"] + 17) % 100, one["inputs"]))
 

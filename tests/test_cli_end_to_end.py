@@ -3,6 +3,7 @@
 import json
 
 from conftest import run_cli, write_experiment
+
 from lmjax import scratch_cache
 
 
@@ -17,8 +18,10 @@ def test_train_resume_eval_sample(corpus_dir, tmp_path):
     assert f"CPU: one step at a time (train.dispatch_ahead=auto); XLA scratch memory {kept} between steps" in r.stdout
 
     # Resumed with the other CPU settings (both may change on resume).
-    r = run_cli(["train", str(exp), "--workdir", str(work), "--config.train.steps=6", "--config.train.dispatch_ahead=on"],
-                env={"LMJAX_SCRATCH_CACHE": "0"})
+    r = run_cli(
+        ["train", str(exp), "--workdir", str(work), "--config.train.steps=6", "--config.train.dispatch_ahead=on"],
+        env={"LMJAX_SCRATCH_CACHE": "0"},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming from checkpoint at step 4" in r.stdout
     assert "train.steps: 4 -> 6" in r.stdout

@@ -13,8 +13,10 @@ def test_default_experiment_loads_and_validates():
 
 def test_typo_in_file_names_nearest_key(tmp_path):
     f = tmp_path / "exp.py"
-    f.write_text("from lmjax.config import base_config\n"
-                 "def get_config():\n    c = base_config()\n    c.model.n_layer = 3\n    return c\n")
+    f.write_text(
+        "from lmjax.config import base_config\n"
+        "def get_config():\n    c = base_config()\n    c.model.n_layer = 3\n    return c\n"
+    )
     with pytest.raises(UserError, match=r"unknown config key 'n_layer'.*did you mean 'model.n_layers'"):
         config_lib.load(f)
 
@@ -25,9 +27,15 @@ def test_typo_on_command_line_names_nearest_key():
 
 
 def test_overrides_are_typed_by_default():
-    cfg = config_lib.load("experiments/default.py", [
-        "--config.train.steps=7", "--config.optim.lr=0.5", "--config.model.tie_embeddings=false",
-        "--config.data.paths=a,b"])
+    cfg = config_lib.load(
+        "experiments/default.py",
+        [
+            "--config.train.steps=7",
+            "--config.optim.lr=0.5",
+            "--config.model.tie_embeddings=false",
+            "--config.data.paths=a,b",
+        ],
+    )
     assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
     assert cfg.optim.lr == 0.5 and cfg.model.tie_embeddings is False and cfg.data.paths == "a,b"
 

@@ -9,17 +9,24 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import write_experiment
+from test_data_sources import fake_hub, write_source  # noqa: F401  (fake_hub is a fixture)
+from test_tokenizers import TEXTS, write_tiktoken_file
+
 from lmjax import cli
 from lmjax import config as config_lib
 from lmjax.data import tokenizers
 from lmjax.train.loop import train
-from test_data_sources import fake_hub, write_source  # noqa: F401  (fake_hub is a fixture)
-from test_tokenizers import TEXTS, write_tiktoken_file
 
-FAST = {"train.steps": 2, "train.eval_every": 2, "train.save_every": 2, "train.eval_batches": 1,
-        "model.n_layers": 1, "train.batch_size": 4, "data.heldout_fraction": 0.2}
+FAST = {
+    "train.steps": 2,
+    "train.eval_every": 2,
+    "train.save_every": 2,
+    "train.eval_batches": 1,
+    "model.n_layers": 1,
+    "train.batch_size": 4,
+    "data.heldout_fraction": 0.2,
+}
 
 # source kind → extra config: each kind also exercises one tokenizer and setting
 CASES = {

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import write_experiment
+
 from lmjax import cli
 from lmjax import config as config_lib
 from lmjax.data import prepare
@@ -39,15 +39,21 @@ def test_missing_file_or_empty_glob(tmp_path, capsys):
 
 def test_text_field_that_does_not_exist_names_the_fields(tmp_path, capsys):
     (tmp_path / "d.jsonl").write_text('{"title": "a", "body": "text here"}\n' * 5)
-    err = train_error(tmp_path, capsys, f"c.data.paths = {str(tmp_path / 'd.jsonl')!r}\nc.data.format = 'jsonl'\n"
-                                        "c.data.text_field = 'content'")
+    err = train_error(
+        tmp_path,
+        capsys,
+        f"c.data.paths = {str(tmp_path / 'd.jsonl')!r}\nc.data.format = 'jsonl'\nc.data.text_field = 'content'",
+    )
     assert "no field 'content'" in err and "title, body" in err and "data.text_field" in err
 
 
 def test_non_text_field_is_refused(tmp_path, capsys):
     (tmp_path / "d.jsonl").write_text('{"n": 1, "body": "text here"}\n' * 5)
-    err = train_error(tmp_path, capsys, f"c.data.paths = {str(tmp_path / 'd.jsonl')!r}\nc.data.format = 'jsonl'\n"
-                                        "c.data.text_field = 'n'")
+    err = train_error(
+        tmp_path,
+        capsys,
+        f"c.data.paths = {str(tmp_path / 'd.jsonl')!r}\nc.data.format = 'jsonl'\nc.data.text_field = 'n'",
+    )
     assert "field 'n'" in err and "not text" in err
 
 
@@ -68,16 +74,26 @@ def test_empty_corpus(tmp_path, capsys):
 
 def test_empty_heldout_split(tmp_path, corpus, capsys):
     (tmp_path / "held.txt").write_text("")
-    err = train_error(tmp_path, capsys, f"c.data.paths = {str(corpus / '*.txt')!r}\n"
-                                        f"c.data.heldout_paths = {str(tmp_path / 'held.txt')!r}")
+    err = train_error(
+        tmp_path,
+        capsys,
+        f"c.data.paths = {str(corpus / '*.txt')!r}\nc.data.heldout_paths = {str(tmp_path / 'held.txt')!r}",
+    )
     assert "held-out split has no text" in err
 
 
 def test_seq_len_longer_than_heldout_data(tmp_path, corpus, capsys):
     (tmp_path / "held.txt").write_text("too short")
-    err = train_error(tmp_path, capsys, f"c.data.paths = {str(corpus / '*.txt')!r}\n"
-                                        f"c.data.heldout_paths = {str(tmp_path / 'held.txt')!r}")
-    assert "held-out split" in err and "has 10 tokens, fewer than data.seq_len + 1 = 33" in err and "lower data.seq_len" in err
+    err = train_error(
+        tmp_path,
+        capsys,
+        f"c.data.paths = {str(corpus / '*.txt')!r}\nc.data.heldout_paths = {str(tmp_path / 'held.txt')!r}",
+    )
+    assert (
+        "held-out split" in err
+        and "has 10 tokens, fewer than data.seq_len + 1 = 33" in err
+        and "lower data.seq_len" in err
+    )
 
 
 def test_vocabulary_larger_than_the_embedding(tmp_path, corpus, capsys):
@@ -90,8 +106,11 @@ def test_saved_tokenizer_differs_from_config(tmp_path, corpus, capsys):
     run_dir = tmp_path / "run"
     prepare(config_lib.load(exp), run_dir, log=lambda *_: None)  # the run's tokenizer is saved
     assert json.loads((run_dir / "tokenizer" / "lmjax_tokenizer_settings.json").read_text())["vocab_size"] == 20
-    err = train_error(tmp_path, capsys, f"c.data.paths = {str(corpus / '*.txt')!r}\nc.tokenizer.kind = 'word'\n"
-                                        "c.tokenizer.vocab_size = 30")
+    err = train_error(
+        tmp_path,
+        capsys,
+        f"c.data.paths = {str(corpus / '*.txt')!r}\nc.tokenizer.kind = 'word'\nc.tokenizer.vocab_size = 30",
+    )
     assert "holds a tokenizer made with tokenizer.vocab_size=20 but the config has 30" in err and "--workdir" in err
     err = train_error(tmp_path, capsys, f"c.data.paths = {str(corpus / '*.txt')!r}\nc.tokenizer.kind = 'char'")
     assert "holds a 'word' tokenizer but the config asks for tokenizer.kind='char'" in err
@@ -101,7 +120,9 @@ def test_changed_tiktoken_file_is_refused(tmp_path, corpus):
     from test_tokenizers import TEXTS, write_tiktoken_file
 
     enc = write_tiktoken_file(tmp_path / "enc.tiktoken", "".join(TEXTS), 270)
-    exp = write_experiment(tmp_path / "exp.py", corpus, f"c.tokenizer.kind = 'tiktoken'\nc.tokenizer.path = {str(enc)!r}")
+    exp = write_experiment(
+        tmp_path / "exp.py", corpus, f"c.tokenizer.kind = 'tiktoken'\nc.tokenizer.path = {str(enc)!r}"
+    )
     cfg = config_lib.load(exp)
     prepare(cfg, tmp_path / "run", log=lambda *_: None)
     prepare(cfg, tmp_path / "run", log=lambda *_: None)  # unchanged: reused

@@ -33,13 +33,22 @@ def test_build_model_gives_an_lstm_with_named_axes_and_uniform_init():
     model = make(tie_embeddings=False)
     assert isinstance(model, LSTMLanguageModel) and model.cfg.d_model == 24
     boxed = init(model)
-    specs = {"/".join(str(getattr(k, "key", k)) for k in path): tuple(s)
-             for path, s in jax.tree_util.tree_leaves_with_path(nn.get_partition_spec(boxed)["params"],
-                                                                 is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))}
+    specs = {
+        "/".join(str(getattr(k, "key", k)) for k in path): tuple(s)
+        for path, s in jax.tree_util.tree_leaves_with_path(
+            nn.get_partition_spec(boxed)["params"], is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+        )
+    }
     assert specs == {
-        "wte": ("vocab", "embed"), "lm_head": ("embed", "vocab"), "output_bias": ("vocab",),
-        **{f"lstm_{i}/{n}": s for i in range(2) for n, s in [
-            ("input_kernel", ("embed", "mlp")), ("recurrent_kernel", ("embed", "mlp")), ("bias", ("mlp",))]}}
+        "wte": ("vocab", "embed"),
+        "lm_head": ("embed", "vocab"),
+        "output_bias": ("vocab",),
+        **{
+            f"lstm_{i}/{n}": s
+            for i in range(2)
+            for n, s in [("input_kernel", ("embed", "mlp")), ("recurrent_kernel", ("embed", "mlp")), ("bias", ("mlp",))]
+        },
+    }
     params = nn.unbox(boxed)["params"]
     assert params["lstm_1"]["recurrent_kernel"].shape == (24, 96)
     for leaf in jax.tree.leaves(params):
@@ -81,13 +90,26 @@ def test_lstm_trains_evaluates_and_samples_through_the_common_machinery(corpus_d
     from lmjax.sample import generate
     from lmjax.train.loop import train
 
-    cfg = tiny_config(corpus_dir, **{"model.kind": "lstm", "model.d_model": 48, "model.n_layers": 2,
-                                     "model.dropout": 0.1, "model.tie_embeddings": False,
-                                     "optim.lr": 1e-2, "train.steps": 12, "train.eval_every": 6,
-                                     "train.save_every": 6})
+    cfg = tiny_config(
+        corpus_dir,
+        **{
+            "model.kind": "lstm",
+            "model.d_model": 48,
+            "model.n_layers": 2,
+            "model.dropout": 0.1,
+            "model.tie_embeddings": False,
+            "optim.lr": 1e-2,
+            "train.steps": 12,
+            "train.eval_every": 6,
+            "train.save_every": 6,
+        },
+    )
     result = train(cfg, tmp_path / "run", log=lambda *_: None)
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()
-              if "loss" in json.loads(line)]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert losses[-1] < losses[0] - 0.5, losses
     assert math.isfinite(result["heldout_loss"]) and result["heldout_loss"] < math.log(257)
 
@@ -103,7 +125,7 @@ def test_lstm_trains_evaluates_and_samples_through_the_common_machinery(corpus_d
     assert isinstance(tok.decode(outs[0]), str)
 
 
-MESH_SCRIPT = r'''
+MESH_SCRIPT = r"""
 import json
 from functools import partial
 
@@ -144,7 +166,7 @@ for name, shape in [("single", (1, 1, 1)), ("mesh", (2, 2, 2))]:
     out[name + "_spec"] = [list(state.params["lstm_0"]["recurrent_kernel"].sharding.spec),
                            list(state.params["wte"].sharding.spec)]
 print(json.dumps(out))
-'''
+"""
 
 
 def test_lstm_shards_over_a_mesh_and_matches_one_device(tmp_path):

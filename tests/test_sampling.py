@@ -19,8 +19,15 @@ VOCAB, MAX_LEN = 61, 40
 
 MODELS = {
     "gpt2": {},
-    "llama_gqa": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False,
-                  "tie_embeddings": False, "n_kv_heads": 2, "d_ff": 64},
+    "llama_gqa": {
+        "positions": "rope",
+        "norm": "rmsnorm",
+        "mlp": "swiglu",
+        "bias": False,
+        "tie_embeddings": False,
+        "n_kv_heads": 2,
+        "d_ff": 64,
+    },
     "mqa_scan": {"positions": "rope", "n_kv_heads": 1, "scan_layers": True},
     "lstm": {"kind": "lstm"},
 }
@@ -59,7 +66,7 @@ def test_cached_decoding_equals_full_forward_at_every_position(opts):
     cache = init_cache(model, params, 2)
     pieces, start = [], 0
     for size in [5] + [1] * 12 + [3, 4]:  # a prompt chunk, single tokens, more chunks
-        chunk = tokens[:, start:start + size]
+        chunk = tokens[:, start : start + size]
         positions = start + jnp.broadcast_to(jnp.arange(size), chunk.shape)
         logits, mutated = step({"params": params, "cache": cache}, chunk, positions)
         cache = mutated["cache"]
@@ -78,10 +85,10 @@ def test_greedy_generation_equals_argmax_rollout_without_cache(opts):
     got = generate(model, params, prompts, new, greedy=True, max_len=MAX_LEN)
     buffer = np.zeros((2, 6 + new), np.int32)
     for i, p in enumerate(prompts):
-        buffer[i, :len(p)] = p
+        buffer[i, : len(p)] = p
     ref = np.asarray(greedy_without_cache(model, params, jnp.asarray(buffer), jnp.asarray([6, 3])))
-    assert got[0] == ref[0, 6:6 + new].tolist()
-    assert got[1] == ref[1, 3:3 + new].tolist()
+    assert got[0] == ref[0, 6 : 6 + new].tolist()
+    assert got[1] == ref[1, 3 : 3 + new].tolist()
     assert len(set(got[0])) > 1, "a constant continuation proves little"
 
 
@@ -118,8 +125,8 @@ def test_generation_stops_at_end_of_text():
     free = generate(model, params, prompts, 15, greedy=True)
     eot = free[0][3]
     stopped = generate(model, params, prompts, 15, greedy=True, eot_id=eot)
-    assert stopped[0] == free[0][:free[0].index(eot)]
-    assert stopped[1] == (free[1][:free[1].index(eot)] if eot in free[1] else free[1])
+    assert stopped[0] == free[0][: free[0].index(eot)]
+    assert stopped[1] == (free[1][: free[1].index(eot)] if eot in free[1] else free[1])
 
 
 def test_top_p_keeps_exactly_the_nucleus():
@@ -140,17 +147,20 @@ def test_top_p_keeps_exactly_the_nucleus():
     np.testing.assert_allclose(freq, [0, 0.5 / 0.85, 0, 0.2 / 0.85, 0.15 / 0.85], atol=0.03)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"temperature": 0.0}, "temperature must be positive"),
-    ({"temperature": -1.0}, "temperature must be positive"),
-    ({"top_k": -1}, "top-k must be 0"),
-    ({"top_k": VOCAB + 1}, "larger than the vocabulary"),
-    ({"top_p": 0.0}, "top-p must be in"),
-    ({"top_p": 1.5}, "top-p must be in"),
-    ({"max_new_tokens": 0}, "max-new-tokens must be positive"),
-    ({"prompts": [[1] * MAX_LEN]}, "context is 40"),
-    ({"prompts": [[1], []]}, "at least one token"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"temperature": 0.0}, "temperature must be positive"),
+        ({"temperature": -1.0}, "temperature must be positive"),
+        ({"top_k": -1}, "top-k must be 0"),
+        ({"top_k": VOCAB + 1}, "larger than the vocabulary"),
+        ({"top_p": 0.0}, "top-p must be in"),
+        ({"top_p": 1.5}, "top-p must be in"),
+        ({"max_new_tokens": 0}, "max-new-tokens must be positive"),
+        ({"prompts": [[1] * MAX_LEN]}, "context is 40"),
+        ({"prompts": [[1], []]}, "at least one token"),
+    ],
+)
 def test_bad_sampling_arguments_are_user_errors(kwargs, match):
     model = make()
     args = {"prompts": [[1, 2]], "max_new_tokens": 4, "max_len": MAX_LEN, **kwargs}

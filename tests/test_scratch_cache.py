@@ -10,8 +10,8 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import ROOT
+
 from lmjax import scratch_cache
 
 pytestmark = pytest.mark.skipif(not scratch_cache.usable(), reason="needs Linux, glibc, a C compiler, no LD_PRELOAD")
@@ -41,7 +41,8 @@ ALLOCATIONS = textwrap.dedent("""
     c = alloc(64 * MiB)  # b, a recycled block, is in use: c is mapped after a short wait
     print(json.dumps({"second block while the first is in use": c not in (b, 0) and c > 0}))
     before = resident(); free(b)
-    print(json.dumps({"the overlapped block is unmapped, not kept next to its successor": before - resident() > 60 * MiB}))
+    unmapped = before - resident() > 60 * MiB
+    print(json.dumps({"the overlapped block is unmapped, not kept next to its successor": unmapped}))
     free(c)
     e = alloc(64 * MiB); f = alloc(64 * MiB)  # the successor is reused; f is a new block
     free(f)  # idle while e is in use: kept
@@ -70,16 +71,24 @@ def test_allocator_keeps_one_idle_block_per_size():
 
 
 def test_reexecutes_once_with_the_library_and_keeps_it_from_children():
-    code = ("import os, subprocess, sys; from lmjax import scratch_cache as s; pid = os.getpid(); "
-            "s.use_in_this_process(); "
-            "child = subprocess.run([sys.executable, '-c', 'from lmjax import scratch_cache as s; print(s.active())'], "
-            "capture_output=True, text=True).stdout.strip(); "
-            "print(s.active(), pid == os.getpid(), child, 'scratch_cache' in os.environ.get('LD_PRELOAD', ''))")
+    code = (
+        "import os, subprocess, sys; from lmjax import scratch_cache as s; pid = os.getpid(); "
+        "s.use_in_this_process(); "
+        "child = subprocess.run([sys.executable, '-c', 'from lmjax import scratch_cache as s; print(s.active())'], "
+        "capture_output=True, text=True).stdout.strip(); "
+        "print(s.active(), pid == os.getpid(), child, 'scratch_cache' in os.environ.get('LD_PRELOAD', ''))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["True", "True", "False", "False"]
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
-                       env={**os.environ, "LMJAX_SCRATCH_CACHE": "0"})
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "LMJAX_SCRATCH_CACHE": "0"},
+    )
     assert r.stdout.split() == ["False", "True", "False", "False"], r.stderr[-2000:]
 
 
@@ -88,9 +97,13 @@ def test_train_step_stops_faulting_in_its_scratch_memory():
     """The real train step of the default experiment's shape (100 MiB of scratch), with and without."""
     runs = {}
     for setting in ("1", "0"):
-        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--worker", "default", "--steps", "12"],
-                           env={**os.environ, "LMJAX_SCRATCH_CACHE": setting, "PYTHONPATH": str(ROOT)},
-                           capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--worker", "default", "--steps", "12"],
+            env={**os.environ, "LMJAX_SCRATCH_CACHE": setting, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         runs[setting] = json.loads(r.stdout.strip().splitlines()[-1])
     on, off = runs["1"], runs["0"]

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from ml_collections import ConfigDict
 
 from lmjax.data.tokenizers import EOT, ByteTokenizer, build_tokenizer, load_tokenizer, train_bpe
@@ -142,7 +143,12 @@ def test_saved_tokenizer_reloads_identically(all_tokenizers, kind, tmp_path):
     tok = all_tokenizers[kind]
     tok.save(tmp_path / "tok")
     back = load_tokenizer(tmp_path / "tok")
-    assert (back.kind, back.vocab_size, back.eot_id, back.fingerprint()) == (tok.kind, tok.vocab_size, tok.eot_id, tok.fingerprint())
+    assert (back.kind, back.vocab_size, back.eot_id, back.fingerprint()) == (
+        tok.kind,
+        tok.vocab_size,
+        tok.eot_id,
+        tok.fingerprint(),
+    )
     text = "".join(TEXTS) + "zebra ✓ unseen\n"
     assert back.encode(text) == list(tok.encode(text))
     assert [list(x) for x in back.encode_batch(TEXTS)] == [list(x) for x in tok.encode_batch(TEXTS)]

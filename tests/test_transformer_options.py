@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from conftest import losses_on_one_batch
+
 from lmjax.config import base_config
 from lmjax.models import build_model
 from lmjax.models.transformer import rotary, stack_layers, unstack_layers
@@ -29,8 +29,15 @@ OPTIONS = {
     "bfloat16": {"dtype": "bfloat16"},
     # scan_layers and remat together; scan alone: test_scanned_*, each policy: test_remat_*
     "remat_scan": {"remat": "dots_saveable", "scan_layers": True},
-    "llama": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False,
-              "tie_embeddings": False, "n_kv_heads": 2, "d_ff": 64},
+    "llama": {
+        "positions": "rope",
+        "norm": "rmsnorm",
+        "mlp": "swiglu",
+        "bias": False,
+        "tie_embeddings": False,
+        "n_kv_heads": 2,
+        "d_ff": 64,
+    },
 }
 
 
@@ -52,7 +59,9 @@ def param_shapes(model) -> dict:
 
 
 def flat(params) -> dict:
-    return {"/".join(str(getattr(k, "key", k)) for k in path): v for path, v in jax.tree_util.tree_leaves_with_path(params)}
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): v for path, v in jax.tree_util.tree_leaves_with_path(params)
+    }
 
 
 def tokens(shape, seed=1):
@@ -91,14 +100,14 @@ def test_packed_documents_match_each_document_alone(positions):
     row = np.asarray(tokens((T,), seed=4))
     starts = np.cumsum([0] + lengths[:-1])
     restart = np.concatenate([np.arange(n) for n in lengths])
-    alone = [np.concatenate([row[s:s + n], np.zeros(T - n, np.int32)]) for s, n in zip(starts, lengths)]
+    alone = [np.concatenate([row[s : s + n], np.zeros(T - n, np.int32)]) for s, n in zip(starts, lengths)]
     batch = np.stack([row, *alone, row])
     segment_ids = np.ones((5, T), np.int32)
     segment_ids[0] = np.repeat(np.arange(1, 4), lengths)  # row 4: same positions, no segment mask
     positions_ = np.stack([restart] + [np.arange(T)] * 3 + [restart])
     out = np.asarray(jax.jit(model.apply)({"params": params}, batch, positions_, segment_ids))
     for i, (s, n) in enumerate(zip(starts, lengths)):
-        np.testing.assert_allclose(out[0, s:s + n], out[1 + i, :n], atol=1e-5)
+        np.testing.assert_allclose(out[0, s : s + n], out[1 + i, :n], atol=1e-5)
     assert np.abs(out[4, 5:] - out[0, 5:]).max() > 1e-4, "the segment mask made no difference"
 
 
@@ -108,8 +117,9 @@ def test_scanned_layers_equal_unscanned_with_restacked_params():
     stacked = stack_layers(params, 3)
     assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, init(scanned))
     x = tokens((2, T))
-    np.testing.assert_allclose(jax.jit(scanned.apply)({"params": stacked}, x),
-                               jax.jit(loop.apply)({"params": params}, x), atol=1e-5)
+    np.testing.assert_allclose(
+        jax.jit(scanned.apply)({"params": stacked}, x), jax.jit(loop.apply)({"params": params}, x), atol=1e-5
+    )
     back = unstack_layers(stacked, 3)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), back, params))
 
@@ -141,8 +151,9 @@ def test_bfloat16_computes_in_bf16_with_float32_params_and_logits():
     assert lo16.dtype == jnp.float32
     err = float(jnp.abs(lo32 - lo16).max())
     assert 0 < err < 0.05 * float(jnp.abs(lo32).max()), err  # bf16 rounding, but not wrong
-    hidden = jax.eval_shape(lambda: bf16.apply({"params": params}, x, capture_intermediates=True,
-                                               mutable=["intermediates"])[1])
+    hidden = jax.eval_shape(
+        lambda: bf16.apply({"params": params}, x, capture_intermediates=True, mutable=["intermediates"])[1]
+    )
     dtypes = {k: v.dtype for k, v in flat(hidden).items() if "mlp/fc/__call__" in k}
     assert dtypes and all(d == jnp.bfloat16 for d in dtypes.values()), dtypes
 
@@ -204,7 +215,7 @@ def test_norms_compute_what_they_claim():
         cfg = TransformerConfig(vocab_size=4, d_model=8, norm=kind, bias=False)
         y = Norm(cfg).apply({"params": {"scale": jnp.ones(8)}}, x)
         centred = x - x.mean(-1, keepdims=True) if kind == "layernorm" else x
-        expect = centred / jnp.sqrt((centred ** 2).mean(-1, keepdims=True) + 1e-5)
+        expect = centred / jnp.sqrt((centred**2).mean(-1, keepdims=True) + 1e-5)
         np.testing.assert_allclose(y, expect, atol=1e-5)
 
 

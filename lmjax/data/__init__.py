@@ -30,7 +30,8 @@ def _saved_tokenizer_mismatch(tok: Tokenizer, saved_settings: dict, cfg_tok) -> 
         return f"a '{tok.kind}' tokenizer but the config asks for tokenizer.kind='{cfg_tok.kind}'"
     learned = cfg_tok.kind in ("char", "word", "bpe")
     if learned and "vocab_size" in saved_settings and saved_settings["vocab_size"] != cfg_tok.vocab_size:
-        return f"a tokenizer made with tokenizer.vocab_size={saved_settings['vocab_size']} but the config has {cfg_tok.vocab_size}"
+        made = saved_settings["vocab_size"]
+        return f"a tokenizer made with tokenizer.vocab_size={made} but the config has {cfg_tok.vocab_size}"
     # A file-based tokenizer is compared by content: the run keeps its own copy, so a moved file is fine.
     if cfg_tok.kind in ("hf", "tiktoken") and cfg_tok.path and Path(cfg_tok.path).expanduser().exists():
         if build_tokenizer(cfg_tok, ()).fingerprint() != tok.fingerprint():
@@ -60,8 +61,11 @@ def tokenizer_for_run(cfg, run_dir: Path, corpus) -> Tokenizer:
 def check_vocab(tokenizer: Tokenizer, model_cfg) -> None:
     """The model's embedding must have a row for every token id."""
     if model_cfg.vocab_size and tokenizer.vocab_size > model_cfg.vocab_size:
-        raise UserError(f"the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} ids but model.vocab_size={model_cfg.vocab_size}; "
-                        f"set model.vocab_size=0 to take the tokenizer's size, or at least {tokenizer.vocab_size}")
+        raise UserError(
+            f"the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} ids but "
+            f"model.vocab_size={model_cfg.vocab_size}; "
+            f"set model.vocab_size=0 to take the tokenizer's size, or at least {tokenizer.vocab_size}"
+        )
 
 
 def prepare(cfg, run_dir: Path, log=print) -> Data:
@@ -69,11 +73,17 @@ def prepare(cfg, run_dir: Path, log=print) -> Data:
     tok = tokenizer_for_run(cfg, run_dir, corpus)
     check_vocab(tok, cfg.model)
     splits = build_or_load({"train": corpus.train, "heldout": corpus.heldout}, tok, cfg.data, log)
-    for name, fix in (("train", "add data"), ("heldout", "hold out more data (data.heldout_fraction or data.heldout_paths)")):
+    for name, fix in (
+        ("train", "add data"),
+        ("heldout", "hold out more data (data.heldout_fraction or data.heldout_paths)"),
+    ):
         n = len(splits[name].tokens)
         if n <= cfg.data.seq_len:  # a window needs seq_len inputs and one more target
-            raise UserError(f"the {SPLIT_NAMES[name]} split of {corpus.description} has {n:,} tokens, fewer than data.seq_len + 1 = "
-                            f"{cfg.data.seq_len + 1}; lower data.seq_len or {fix}")
+            raise UserError(
+                f"the {SPLIT_NAMES[name]} split of {corpus.description} has {n:,} tokens, fewer than data.seq_len + 1 "
+                "= "
+                f"{cfg.data.seq_len + 1}; lower data.seq_len or {fix}"
+            )
     return Data(tok, splits["train"], splits["heldout"], corpus.description)
 
 

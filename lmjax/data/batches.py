@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import queue
 import threading
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -37,8 +37,15 @@ def local_rows(batch: dict, block: tuple[int, int]) -> dict:
 
 
 class TrainBatches:
-    def __init__(self, split: TokenSplit, seq_len: int, global_batch: int, seed: int,
-                 block: tuple[int, int] = (0, 1), document_mask: bool = False):
+    def __init__(
+        self,
+        split: TokenSplit,
+        seq_len: int,
+        global_batch: int,
+        seed: int,
+        block: tuple[int, int] = (0, 1),
+        document_mask: bool = False,
+    ):
         self.split = split
         self.seq_len = seq_len
         self.global_batch = global_batch
@@ -46,10 +53,13 @@ class TrainBatches:
         self.document_mask = document_mask
         self.n_windows = (len(split.tokens) - 1) // seq_len
         if self.n_windows < 1:
-            raise UserError(f"the training split has {len(split.tokens)} tokens, fewer than data.seq_len + 1 = {seq_len + 1}; lower data.seq_len or add data")
+            raise UserError(
+                f"the training split has {len(split.tokens)} tokens, fewer than data.seq_len + 1 = {seq_len + 1}; "
+                "lower data.seq_len or add data"
+            )
         self.rows = process_rows(global_batch, block, "train.batch_size")
 
-    @functools.lru_cache(maxsize=4)
+    @functools.lru_cache(maxsize=4)  # noqa: B019 - a TrainBatches lives as long as its run
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
 
@@ -87,21 +97,24 @@ def document_positions(doc_starts: np.ndarray, idx_BxT: np.ndarray) -> dict[str,
     """
     doc = np.searchsorted(doc_starts, idx_BxT, side="right") - 1
     first = np.maximum(doc_starts[doc], idx_BxT[:, :1])
-    return {"segment_ids": (doc - doc[:, :1] + 1).astype(np.int32),
-            "positions": (idx_BxT - first).astype(np.int32)}
+    return {"segment_ids": (doc - doc[:, :1] + 1).astype(np.int32), "positions": (idx_BxT - first).astype(np.int32)}
 
 
-def heldout_subset(split: TokenSplit, seq_len: int, batch_size: int, n_batches: int,
-                   document_mask: bool) -> list[dict[str, np.ndarray]]:
+def heldout_subset(
+    split: TokenSplit, seq_len: int, batch_size: int, n_batches: int, document_mask: bool
+) -> list[dict[str, np.ndarray]]:
     """The first n_batches x batch_size non-overlapping windows of the held-out stream: the
     same tokens at every evaluation during training."""
     n_windows = (len(split.tokens) - 1) // seq_len
     if n_windows < 1:
-        raise UserError(f"the held-out split has {len(split.tokens)} tokens, fewer than data.seq_len + 1 = {seq_len + 1}; lower data.seq_len or hold out more data")
+        raise UserError(
+            f"the held-out split has {len(split.tokens)} tokens, fewer than data.seq_len + 1 = {seq_len + 1}; lower "
+            "data.seq_len or hold out more data"
+        )
     starts = np.arange(min(n_windows, batch_size * n_batches), dtype=np.int64) * seq_len
     out = []
     for i in range(0, len(starts), batch_size):
-        chunk = starts[i:i + batch_size]
+        chunk = starts[i : i + batch_size]
         batch = windows(split, chunk, seq_len, document_mask)
         batch["weights"] = np.ones(batch["targets"].shape, np.float32)
         pad = batch_size - len(chunk)
@@ -136,7 +149,7 @@ class Prefetcher:
                 if not self._put((step, put(make(step)))):
                     return
             self._put((None, None))  # end of the steps
-        except BaseException as e:  # surface errors in the consumer
+        except BaseException as e:  # noqa: BLE001 - any error, re-raised in the consumer
             self._put((None, e))
 
     def __iter__(self) -> Iterator[tuple[int, dict]]:

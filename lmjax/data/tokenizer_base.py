@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -39,7 +39,7 @@ class Tokenizer:
         space between them and a byte-level one completes a character split across them."""
         prefix = self.decode(prefix_ids)
         whole = self.decode([*prefix_ids, *ids])
-        return whole[len(prefix):] if whole.startswith(prefix) else self.decode(ids)
+        return whole[len(prefix) :] if whole.startswith(prefix) else self.decode(ids)
 
     def token_bytes(self) -> np.ndarray:
         """int32[vocab_size]: UTF-8 bytes of text each id stands for (0 for specials)."""

@@ -18,8 +18,8 @@ import hashlib
 import json
 import shutil
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -49,13 +49,16 @@ class CharTokenizer(Tokenizer):
         self._sorted_points, self._sorted_ids = points[order], order.astype(np.int32)
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 0) -> "CharTokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int = 0) -> CharTokenizer:
         counts: Counter = Counter()
         for t in texts:
             counts.update(t)
         if vocab_size:
             if vocab_size < 3:
-                raise UserError(f"tokenizer.vocab_size={vocab_size} is too small for a char tokenizer; use 0 (every character) or at least 3")
+                raise UserError(
+                    f"tokenizer.vocab_size={vocab_size} is too small for a char tokenizer; use 0 (every character) or "
+                    "at least 3"
+                )
             kept = [c for c, _ in counts.most_common(vocab_size - 2)]
         else:
             kept = list(counts)
@@ -104,7 +107,7 @@ class WordTokenizer(Tokenizer):
         self.vocab_size = self.eot_id + 1
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 0) -> "WordTokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int = 0) -> WordTokenizer:
         counts: Counter = Counter()
         for t in texts:
             counts.update(t.split())
@@ -112,7 +115,10 @@ class WordTokenizer(Tokenizer):
         counts.pop(EOS, None)
         if vocab_size:
             if vocab_size < 4:
-                raise UserError(f"tokenizer.vocab_size={vocab_size} is too small for a word tokenizer; use 0 (every word) or at least 4")
+                raise UserError(
+                    f"tokenizer.vocab_size={vocab_size} is too small for a word tokenizer; use 0 (every word) or at "
+                    "least 4"
+                )
             kept = [w for w, _ in counts.most_common(vocab_size - 3)]  # room for <unk>, <eos>, EOT
         else:
             kept = list(counts)
@@ -163,7 +169,10 @@ def read_tiktoken_file(path: Path) -> dict[bytes, int]:
             token, rank = line.split()
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except ValueError:
-            raise UserError(f"tokenizer.path '{path}' line {n} is not 'BASE64_TOKEN RANK'; point it at a .tiktoken BPE file such as r50k_base.tiktoken") from None
+            raise UserError(
+                f"tokenizer.path '{path}' line {n} is not 'BASE64_TOKEN RANK'; point it at a .tiktoken BPE file such "
+                "as r50k_base.tiktoken"
+            ) from None
     return ranks
 
 
@@ -181,11 +190,14 @@ class TiktokenTokenizer(Tokenizer):
         self.pattern = pattern
         ranks = read_tiktoken_file(self.path)
         if not ranks:
-            raise UserError(f"tokenizer.path '{path}' holds no tokens; point it at a .tiktoken BPE file such as r50k_base.tiktoken")
+            raise UserError(
+                f"tokenizer.path '{path}' holds no tokens; point it at a .tiktoken BPE file such as r50k_base.tiktoken"
+            )
         self.eot_id = max(ranks.values()) + 1
         self.vocab_size = self.eot_id + 1
-        self.enc = tiktoken.Encoding(f"lmjax-{self.sha256[:12]}", pat_str=pattern, mergeable_ranks=ranks,
-                                     special_tokens={EOT: self.eot_id})
+        self.enc = tiktoken.Encoding(
+            f"lmjax-{self.sha256[:12]}", pat_str=pattern, mergeable_ranks=ranks, special_tokens={EOT: self.eot_id}
+        )
 
     def encode(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)  # '<|endoftext|>' in a text is text, not the token
@@ -218,11 +230,19 @@ class TiktokenTokenizer(Tokenizer):
 
 def load_tiktoken(path: str) -> TiktokenTokenizer:
     if not path:
-        raise UserError("tokenizer.kind='tiktoken' needs tokenizer.path: a local .tiktoken BPE file (for GPT-2: r50k_base.tiktoken)")
+        raise UserError(
+            "tokenizer.kind='tiktoken' needs tokenizer.path: a local .tiktoken BPE file (for GPT-2: r50k_base.tiktoken)"
+        )
     if "://" in path:
-        raise UserError(f"tokenizer.path '{path}' is a URL; lmjax never downloads tokenizers: download the .tiktoken file yourself and give its local path")
+        raise UserError(
+            f"tokenizer.path '{path}' is a URL; lmjax never downloads tokenizers: download the .tiktoken file "
+            "yourself and give its local path"
+        )
     if not Path(path).expanduser().is_file():
-        raise UserError(f"tokenizer.path '{path}' does not exist; point it at a local .tiktoken BPE file (for GPT-2: r50k_base.tiktoken)")
+        raise UserError(
+            f"tokenizer.path '{path}' does not exist; point it at a local .tiktoken BPE file (for GPT-2: "
+            "r50k_base.tiktoken)"
+        )
     return TiktokenTokenizer(Path(path).expanduser())
 
 
@@ -247,6 +267,9 @@ def from_state(meta: dict, directory: Path) -> Tokenizer:
     if kind == "tiktoken":
         tok = TiktokenTokenizer(Path(directory) / meta["file"], meta["pattern"])
         if tok.sha256 != meta["sha256"]:
-            raise UserError(f"{directory / meta['file']} changed since the tokenizer was saved (sha256 differs); restore it or use a new run directory")
+            raise UserError(
+                f"{directory / meta['file']} changed since the tokenizer was saved (sha256 differs); restore it or "
+                "use a new run directory"
+            )
         return tok
     raise UserError(f"the saved tokenizer in '{directory}' has unknown kind '{kind}'")

@@ -9,6 +9,17 @@ from lmjax.interop.mapping import layer_params
 from lmjax.interop.safetensors_io import find_weights, read_safetensors, read_weights, write_safetensors
 
 __all__ = [
-    "export_family", "export_hf", "find_weights", "import_hf", "layer_params", "load_hf", "model_keys_from_hf",
-    "read_safetensors", "read_weights", "resolve_tokenizer", "run_config", "write_run", "write_safetensors",
+    "export_family",
+    "export_hf",
+    "find_weights",
+    "import_hf",
+    "layer_params",
+    "load_hf",
+    "model_keys_from_hf",
+    "read_safetensors",
+    "read_weights",
+    "resolve_tokenizer",
+    "run_config",
+    "write_run",
+    "write_safetensors",
 ]

@@ -21,18 +21,29 @@ def model_keys(hf: dict) -> dict:
     """A GPT-2 config.json (dict) → lmjax `model.*` keys and values."""
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise UserError(f"GPT-2 activation_function='{act}' is not supported: "
-                        "lmjax's MLP uses tanh-approximated GELU ('gelu_new')")
+        raise UserError(
+            f"GPT-2 activation_function='{act}' is not supported: lmjax's MLP uses tanh-approximated GELU ('gelu_new')"
+        )
     if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
-        raise UserError("GPT-2 attention must be scaled by 1/sqrt(head size) only "
-                        "(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False)")
+        raise UserError(
+            "GPT-2 attention must be scaled by 1/sqrt(head size) only "
+            "(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False)"
+        )
     d = required(hf, "n_embd")
     return {
-        "d_model": d, "n_layers": required(hf, "n_layer"), "n_heads": required(hf, "n_head"),
-        "n_kv_heads": required(hf, "n_head"), "d_ff": hf.get("n_inner") or 4 * d,
-        "vocab_size": required(hf, "vocab_size"), "max_len": required(hf, "n_positions"),
-        "positions": "learned", "norm": "layernorm", "norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
-        "mlp": "gelu", "bias": True, "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
+        "d_model": d,
+        "n_layers": required(hf, "n_layer"),
+        "n_heads": required(hf, "n_head"),
+        "n_kv_heads": required(hf, "n_head"),
+        "d_ff": hf.get("n_inner") or 4 * d,
+        "vocab_size": required(hf, "vocab_size"),
+        "max_len": required(hf, "n_positions"),
+        "positions": "learned",
+        "norm": "layernorm",
+        "norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
+        "mlp": "gelu",
+        "bias": True,
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
     }
 
 
@@ -47,13 +58,25 @@ def misfits(c: TransformerConfig) -> list[str]:
 def hf_config(c: TransformerConfig, eot: int | None) -> dict:
     """The config.json transformers' from_pretrained reads for this model."""
     return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
-        "n_positions": c.max_len, "n_embd": c.d_model, "n_layer": c.n_layers, "n_head": c.n_heads,
-        "n_inner": c.d_ff, "activation_function": "gelu_new", "layer_norm_epsilon": c.norm_eps,
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": c.vocab_size,
+        "n_positions": c.max_len,
+        "n_embd": c.d_model,
+        "n_layer": c.n_layers,
+        "n_head": c.n_heads,
+        "n_inner": c.d_ff,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": c.norm_eps,
         # lmjax drops out embeddings and residuals, never attention weights.
-        "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": 0.0,
-        "scale_attn_weights": True, "tie_word_embeddings": c.tie_embeddings,
-        "bos_token_id": eot, "eos_token_id": eot, "dtype": "float32",
+        "resid_pdrop": c.dropout,
+        "embd_pdrop": c.dropout,
+        "attn_pdrop": 0.0,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": c.tie_embeddings,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "dtype": "float32",
     }
 
 
@@ -70,24 +93,33 @@ def params_from_hf(tensors: dict[str, np.ndarray], c: TransformerConfig) -> dict
         p = f"h.{i}."
         q, k, v = np.split(t.take(p + "attn.c_attn.weight", (D, 3 * D)), 3, axis=1)
         qb, kb, vb = np.split(t.take(p + "attn.c_attn.bias", (3 * D,)), 3)
-        blocks.append({
-            "norm1": norm(p + "ln_1"),
-            "attn": {
-                "query": {"kernel": q.reshape(D, N, H), "bias": qb.reshape(N, H)},
-                "key": {"kernel": k.reshape(D, N, H), "bias": kb.reshape(N, H)},
-                "value": {"kernel": v.reshape(D, N, H), "bias": vb.reshape(N, H)},
-                "out": {"kernel": t.take(p + "attn.c_proj.weight", (D, D)).reshape(N, H, D),
-                        "bias": t.take(p + "attn.c_proj.bias", (D,))},
-            },
-            "norm2": norm(p + "ln_2"),
-            "mlp": {
-                "fc": {"kernel": t.take(p + "mlp.c_fc.weight", (D, F)), "bias": t.take(p + "mlp.c_fc.bias", (F,))},
-                "proj": {"kernel": t.take(p + "mlp.c_proj.weight", (F, D)),
-                         "bias": t.take(p + "mlp.c_proj.bias", (D,))},
-            },
-        })
-    top = {"wte": t.take("wte.weight", (c.vocab_size, D)), "wpe": t.take("wpe.weight", (c.max_len, D)),
-           "norm_f": norm("ln_f")}
+        blocks.append(
+            {
+                "norm1": norm(p + "ln_1"),
+                "attn": {
+                    "query": {"kernel": q.reshape(D, N, H), "bias": qb.reshape(N, H)},
+                    "key": {"kernel": k.reshape(D, N, H), "bias": kb.reshape(N, H)},
+                    "value": {"kernel": v.reshape(D, N, H), "bias": vb.reshape(N, H)},
+                    "out": {
+                        "kernel": t.take(p + "attn.c_proj.weight", (D, D)).reshape(N, H, D),
+                        "bias": t.take(p + "attn.c_proj.bias", (D,)),
+                    },
+                },
+                "norm2": norm(p + "ln_2"),
+                "mlp": {
+                    "fc": {"kernel": t.take(p + "mlp.c_fc.weight", (D, F)), "bias": t.take(p + "mlp.c_fc.bias", (F,))},
+                    "proj": {
+                        "kernel": t.take(p + "mlp.c_proj.weight", (F, D)),
+                        "bias": t.take(p + "mlp.c_proj.bias", (D,)),
+                    },
+                },
+            }
+        )
+    top = {
+        "wte": t.take("wte.weight", (c.vocab_size, D)),
+        "wpe": t.take("wpe.weight", (c.max_len, D)),
+        "norm_f": norm("ln_f"),
+    }
     return model_params(t, top, blocks, c)
 
 

@@ -43,8 +43,10 @@ def model_keys_from_hf(hf: dict) -> tuple[str, dict]:
     """A Hugging Face config.json (dict) → (family, lmjax `model.*` keys and values)."""
     family = hf.get("model_type")
     if family not in FAMILIES:
-        raise UserError(f"Hugging Face model_type '{family}' is not supported; lmjax imports 'gpt2' "
-                        "(GPT2LMHeadModel) and 'llama' (LlamaForCausalLM)")
+        raise UserError(
+            f"Hugging Face model_type '{family}' is not supported; lmjax imports 'gpt2' "
+            "(GPT2LMHeadModel) and 'llama' (LlamaForCausalLM)"
+        )
     return family, FAMILIES[family].model_keys(hf)
 
 
@@ -54,8 +56,10 @@ def export_family(c: TransformerConfig) -> str:
     for family, misfit in misfits.items():
         if not misfit:
             return family
-    raise UserError("this model fits neither Hugging Face family: " + "; ".join(
-        f"as {FAMILIES[family].NAME} it has {', '.join(misfit)}" for family, misfit in misfits.items()))
+    raise UserError(
+        "this model fits neither Hugging Face family: "
+        + "; ".join(f"as {FAMILIES[family].NAME} it has {', '.join(misfit)}" for family, misfit in misfits.items())
+    )
 
 
 def load_hf(src: str | Path, scan_layers: bool = False) -> tuple[str, TransformerConfig, dict]:
@@ -85,8 +89,10 @@ def run_config(model_keys: dict, tokenizer: Tokenizer, overrides: Iterable[str] 
             raise UserError(f"--config.model.{key} cannot change on import: the weights fix it to {value!r}")
     config_lib.validate(cfg)
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is "
-                        f"{cfg.model.vocab_size}; pass the model's own tokenizer with --tokenizer")
+        raise UserError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is "
+            f"{cfg.model.vocab_size}; pass the model's own tokenizer with --tokenizer"
+        )
     return cfg
 
 
@@ -97,8 +103,9 @@ def _check_params(params, abstract) -> None:
     got, want = shapes(params), shapes(abstract)
     if got != want:
         diff = sorted(set(got.items()) ^ set(want.items()))
-        raise UserError(f"converted parameters do not match the lmjax model (e.g. {diff[:3]}); "
-                        "the config mapping is incomplete")
+        raise UserError(
+            f"converted parameters do not match the lmjax model (e.g. {diff[:3]}); the config mapping is incomplete"
+        )
 
 
 def write_run(cfg, run_dir: str | Path, tokenizer: Tokenizer, params) -> Path:
@@ -126,8 +133,13 @@ def write_run(cfg, run_dir: str | Path, tokenizer: Tokenizer, params) -> Path:
     return run_dir
 
 
-def import_hf(src: str | Path, out: str | Path, tokenizer: str | None = None, overrides: Iterable[str] = (),
-              log: Callable[[str], None] = print) -> Path:
+def import_hf(
+    src: str | Path,
+    out: str | Path,
+    tokenizer: str | None = None,
+    overrides: Iterable[str] = (),
+    log: Callable[[str], None] = print,
+) -> Path:
     """`lmjax import-hf`: a Hugging Face GPT-2 / LLaMA (safetensors) → an lmjax run directory."""
     directory, files = find_weights(src)
     hf = read_hf_config(directory)
@@ -137,9 +149,11 @@ def import_hf(src: str | Path, out: str | Path, tokenizer: str | None = None, ov
     c = TransformerConfig.from_config(cfg.model, tok.vocab_size, cfg.data.seq_len)
     params = FAMILIES[family].params_from_hf(read_weights(files), c)
     run_dir = write_run(cfg, out, tok, params)
-    log(f"imported {family} ({count_params(params) / 1e6:.2f}M parameters, vocabulary {c.vocab_size}, "
+    log(
+        f"imported {family} ({count_params(params) / 1e6:.2f}M parameters, vocabulary {c.vocab_size}, "
         f"tokenizer {tok.kind}) from {src} into {run_dir} as step 0; "
-        f"try `lmjax eval {run_dir}` or `lmjax sample {run_dir}`")
+        f"try `lmjax eval {run_dir}` or `lmjax sample {run_dir}`"
+    )
     return run_dir
 
 
@@ -151,8 +165,9 @@ def export_hf(run_dir: str | Path, out: str | Path, which: str = "latest", log: 
     transformers' from_pretrained loads (GPT2LMHeadModel or LlamaForCausalLM)."""
     cfg, run, params, tok, step = load_run(run_dir, which)
     if cfg.model.kind != "transformer":
-        raise UserError(f"only Transformer runs can be exported to Hugging Face; this run's model.kind is "
-                        f"'{cfg.model.kind}'")
+        raise UserError(
+            f"only Transformer runs can be exported to Hugging Face; this run's model.kind is '{cfg.model.kind}'"
+        )
     c = run.model.cfg
     family = export_family(c)
     mapping = FAMILIES[family]
@@ -163,8 +178,15 @@ def export_hf(run_dir: str | Path, out: str | Path, which: str = "latest", log: 
     (out / "config.json").write_text(json.dumps(mapping.hf_config(c, eot), indent=2))
     tok.save(out)  # lmjax_tokenizer.json, plus tokenizer.json for BPE / HF tokenizers
     if isinstance(tok, HFTokenizer):
-        (out / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok.eot_token, "model_max_length": c.max_len},
-            indent=2))
+        (out / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "eos_token": tok.eot_token,
+                    "model_max_length": c.max_len,
+                },
+                indent=2,
+            )
+        )
     log(f"exported {run_dir} at step {step} as Hugging Face {family} to {out}")
     return out

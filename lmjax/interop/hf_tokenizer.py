@@ -55,6 +55,8 @@ def resolve_tokenizer(directory: Path, hf: dict, choice: str | None) -> Tokenize
         return load_tokenizer(directory)
     if (directory / "tokenizer.json").is_file():
         return _hf_tokenizer(directory, hf)
-    raise UserError(f"{directory} has no tokenizer.json; pass --tokenizer PATH (a tokenizer.json, a directory "
-                    "holding one, or an lmjax run's tokenizer/ directory), or --tokenizer byte for a model of "
-                    "lmjax byte ids")
+    raise UserError(
+        f"{directory} has no tokenizer.json; pass --tokenizer PATH (a tokenizer.json, a directory "
+        "holding one, or an lmjax run's tokenizer/ directory), or --tokenizer byte for a model of "
+        "lmjax byte ids"
+    )

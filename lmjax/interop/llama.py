@@ -31,23 +31,36 @@ def model_keys(hf: dict) -> dict:
     if hf.get("hidden_act", "silu") != "silu":
         raise UserError(f"LLaMA hidden_act='{hf['hidden_act']}' is not supported: lmjax's SwiGLU uses silu")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise UserError("LLaMA with attention_bias or mlp_bias is not supported: "
-                        "lmjax's model.bias would also add norm biases")
+        raise UserError(
+            "LLaMA with attention_bias or mlp_bias is not supported: lmjax's model.bias would also add norm biases"
+        )
     theta, rope_type = _rope(hf)
     if rope_type != "default":
-        raise UserError(f"LLaMA rope type '{rope_type}' (rope scaling) is not supported; "
-                        "lmjax implements plain rotary embeddings")
+        raise UserError(
+            f"LLaMA rope type '{rope_type}' (rope scaling) is not supported; lmjax implements plain rotary embeddings"
+        )
     d, n = required(hf, "hidden_size"), required(hf, "num_attention_heads")
     head_dim = hf.get("head_dim") or d // n
     if head_dim * n != d:
-        raise UserError(f"LLaMA head_dim={head_dim} x num_attention_heads={n} != hidden_size={d}; "
-                        "lmjax needs head size = d_model / n_heads")
+        raise UserError(
+            f"LLaMA head_dim={head_dim} x num_attention_heads={n} != hidden_size={d}; "
+            "lmjax needs head size = d_model / n_heads"
+        )
     return {
-        "d_model": d, "n_layers": required(hf, "num_hidden_layers"), "n_heads": n,
-        "n_kv_heads": hf.get("num_key_value_heads") or n, "d_ff": required(hf, "intermediate_size"),
-        "vocab_size": required(hf, "vocab_size"), "max_len": hf.get("max_position_embeddings", 2048),
-        "positions": "rope", "rope_base": theta, "norm": "rmsnorm", "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
-        "mlp": "swiglu", "bias": False, "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "d_model": d,
+        "n_layers": required(hf, "num_hidden_layers"),
+        "n_heads": n,
+        "n_kv_heads": hf.get("num_key_value_heads") or n,
+        "d_ff": required(hf, "intermediate_size"),
+        "vocab_size": required(hf, "vocab_size"),
+        "max_len": hf.get("max_position_embeddings", 2048),
+        "positions": "rope",
+        "rope_base": theta,
+        "norm": "rmsnorm",
+        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "mlp": "swiglu",
+        "bias": False,
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
     }
 
 
@@ -59,14 +72,28 @@ def misfits(c: TransformerConfig) -> list[str]:
 def hf_config(c: TransformerConfig, eot: int | None) -> dict:
     """The config.json transformers' from_pretrained reads for this model."""
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
-        "hidden_size": c.d_model, "intermediate_size": c.d_ff, "num_hidden_layers": c.n_layers,
-        "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
-        "hidden_act": "silu", "max_position_embeddings": c.max_len, "rms_norm_eps": c.norm_eps,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.d_model,
+        "intermediate_size": c.d_ff,
+        "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads,
+        "head_dim": c.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": c.max_len,
+        "rms_norm_eps": c.norm_eps,
         # transformers 5 reads rope_parameters, 4.x reads rope_theta.
-        "rope_theta": c.rope_base, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_base},
-        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
-        "tie_word_embeddings": c.tie_embeddings, "bos_token_id": None, "eos_token_id": eot, "dtype": "float32",
+        "rope_theta": c.rope_base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_base},
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": c.tie_embeddings,
+        "bos_token_id": None,
+        "eos_token_id": eot,
+        "dtype": "float32",
     }
 
 
@@ -81,23 +108,27 @@ def params_from_hf(tensors: dict[str, np.ndarray], c: TransformerConfig) -> dict
     blocks = []
     for i in range(c.n_layers):
         p = f"model.layers.{i}."
-        blocks.append({
-            "norm1": {"scale": t.take(p + "input_layernorm.weight", (D,))},
-            "attn": {
-                "query": {"kernel": linear(p + "self_attn.q_proj", N * H, D).reshape(D, N, H)},
-                "key": {"kernel": linear(p + "self_attn.k_proj", K * H, D).reshape(D, K, H)},
-                "value": {"kernel": linear(p + "self_attn.v_proj", K * H, D).reshape(D, K, H)},
-                "out": {"kernel": linear(p + "self_attn.o_proj", D, N * H).reshape(N, H, D)},
-            },
-            "norm2": {"scale": t.take(p + "post_attention_layernorm.weight", (D,))},
-            "mlp": {
-                "gate": {"kernel": linear(p + "mlp.gate_proj", F, D)},
-                "up": {"kernel": linear(p + "mlp.up_proj", F, D)},
-                "proj": {"kernel": linear(p + "mlp.down_proj", D, F)},
-            },
-        })
-    top = {"wte": t.take("model.embed_tokens.weight", (c.vocab_size, D)),
-           "norm_f": {"scale": t.take("model.norm.weight", (D,))}}
+        blocks.append(
+            {
+                "norm1": {"scale": t.take(p + "input_layernorm.weight", (D,))},
+                "attn": {
+                    "query": {"kernel": linear(p + "self_attn.q_proj", N * H, D).reshape(D, N, H)},
+                    "key": {"kernel": linear(p + "self_attn.k_proj", K * H, D).reshape(D, K, H)},
+                    "value": {"kernel": linear(p + "self_attn.v_proj", K * H, D).reshape(D, K, H)},
+                    "out": {"kernel": linear(p + "self_attn.o_proj", D, N * H).reshape(N, H, D)},
+                },
+                "norm2": {"scale": t.take(p + "post_attention_layernorm.weight", (D,))},
+                "mlp": {
+                    "gate": {"kernel": linear(p + "mlp.gate_proj", F, D)},
+                    "up": {"kernel": linear(p + "mlp.up_proj", F, D)},
+                    "proj": {"kernel": linear(p + "mlp.down_proj", D, F)},
+                },
+            }
+        )
+    top = {
+        "wte": t.take("model.embed_tokens.weight", (c.vocab_size, D)),
+        "norm_f": {"scale": t.take("model.norm.weight", (D,))},
+    }
     return model_params(t, top, blocks, c)
 
 

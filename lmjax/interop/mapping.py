@@ -41,8 +41,9 @@ class Tensors:
         """Refuse tensors no `take` used: a config that does not describe the weights."""
         extra = sorted(k for k in self.left if not k.endswith(IGNORED_SUFFIXES))
         if extra:
-            raise UserError(f"the checkpoint has {len(extra)} tensors config.json does not account for, "
-                            f"e.g. {', '.join(extra[:4])}")
+            raise UserError(
+                f"the checkpoint has {len(extra)} tensors config.json does not account for, e.g. {', '.join(extra[:4])}"
+            )
 
 
 def unmet(c: TransformerConfig, needs: dict) -> list[str]:

@@ -25,7 +25,8 @@ def _refuse_pickle(path: Path) -> UserError:
     return UserError(
         f"{path} is a pickle checkpoint, which lmjax never loads (unpickling can run arbitrary code); "
         "convert it once with transformers: `AutoModelForCausalLM.from_pretrained(DIR)"
-        ".save_pretrained(OUT, safe_serialization=True)`, then import OUT")
+        ".save_pretrained(OUT, safe_serialization=True)`, then import OUT"
+    )
 
 
 def find_weights(src: str | Path) -> tuple[Path, list[Path]]:
@@ -38,8 +39,10 @@ def find_weights(src: str | Path) -> tuple[Path, list[Path]]:
             raise UserError(f"{src} is neither a .safetensors file nor a Hugging Face model directory")
         return src.parent, [src]
     if not src.is_dir():
-        raise UserError(f"{src} does not exist; pass a Hugging Face model directory (config.json + {WEIGHTS}) "
-                        "or a .safetensors file")
+        raise UserError(
+            f"{src} does not exist; pass a Hugging Face model directory (config.json + {WEIGHTS}) "
+            "or a .safetensors file"
+        )
     if (src / WEIGHTS).is_file():
         return src, [src / WEIGHTS]
     if (src / WEIGHTS_INDEX).is_file():
@@ -48,16 +51,20 @@ def find_weights(src: str | Path) -> tuple[Path, list[Path]]:
     pickles = sorted(p for p in src.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise _refuse_pickle(pickles[0])
-    raise UserError(f"{src} holds no {WEIGHTS} (nor {WEIGHTS_INDEX}); "
-                    "save the model with save_pretrained(DIR, safe_serialization=True)")
+    raise UserError(
+        f"{src} holds no {WEIGHTS} (nor {WEIGHTS_INDEX}); "
+        "save the model with save_pretrained(DIR, safe_serialization=True)"
+    )
 
 
 def read_hf_config(directory: Path) -> dict:
     """DIRECTORY/config.json as a dict."""
     path = Path(directory) / "config.json"
     if not path.is_file():
-        raise UserError(f"{directory} has no config.json; the weights need the Hugging Face config saved next to "
-                        "them (model.config.save_pretrained(DIR))")
+        raise UserError(
+            f"{directory} has no config.json; the weights need the Hugging Face config saved next to "
+            "them (model.config.save_pretrained(DIR))"
+        )
     return json.loads(path.read_text())
 
 
@@ -79,5 +86,6 @@ def read_weights(files: list[Path]) -> dict[str, np.ndarray]:
 def write_safetensors(tensors: dict[str, np.ndarray], path: Path) -> None:
     """`tensors` as one float32 safetensors file that transformers' from_pretrained reads."""
     # transformers reads only files whose metadata names a framework it knows.
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(path),
-              metadata={"format": "pt"})
+    save_file(
+        {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(path), metadata={"format": "pt"}
+    )

@@ -30,10 +30,16 @@ class LSTMConfig:
     dtype: str = "float32"  # matmul inputs; the cell state and logits stay float32
 
     @classmethod
-    def from_config(cls, m, vocab_size: int) -> "LSTMConfig":
+    def from_config(cls, m, vocab_size: int) -> LSTMConfig:
         """Resolve the `model` config section into an LSTM config."""
-        return cls(vocab_size=m.vocab_size or vocab_size, d_model=m.d_model, n_layers=m.n_layers,
-                   dropout=m.dropout, tie_embeddings=m.tie_embeddings, dtype=m.dtype)
+        return cls(
+            vocab_size=m.vocab_size or vocab_size,
+            d_model=m.d_model,
+            n_layers=m.n_layers,
+            dropout=m.dropout,
+            tie_embeddings=m.tie_embeddings,
+            dtype=m.dtype,
+        )
 
 
 def _uniform(scale: float, names: tuple):
@@ -104,9 +110,14 @@ class LSTMLanguageModel(nn.Module):
     cfg: LSTMConfig
 
     @nn.compact
-    def __call__(self, tokens_BxT: Array, positions_BxT: Array | None = None,
-                 segment_ids_BxT: Array | None = None, deterministic: bool = True,
-                 decode: bool = False) -> Array:
+    def __call__(
+        self,
+        tokens_BxT: Array,
+        positions_BxT: Array | None = None,
+        segment_ids_BxT: Array | None = None,
+        deterministic: bool = True,
+        decode: bool = False,
+    ) -> Array:
         c = self.cfg
         drop = nn.Dropout(c.dropout, deterministic=deterministic)
         wte = self.param("wte", _uniform(c.init_scale, ("vocab", "embed")), (c.vocab_size, c.d_model), jnp.float32)
@@ -121,6 +132,8 @@ class LSTMLanguageModel(nn.Module):
         if c.tie_embeddings:
             head_DxV = wte.T
         else:
-            head_DxV = self.param("lm_head", _uniform(c.init_scale, ("embed", "vocab")), (c.d_model, c.vocab_size), jnp.float32)
+            head_DxV = self.param(
+                "lm_head", _uniform(c.init_scale, ("embed", "vocab")), (c.d_model, c.vocab_size), jnp.float32
+            )
         out_bias_V = self.param("output_bias", _uniform(c.init_scale, ("vocab",)), (c.vocab_size,), jnp.float32)
         return jnp.dot(x_BxTxD, head_DxV) + out_bias_V

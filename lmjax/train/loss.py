@@ -35,8 +35,9 @@ def token_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.
 def batch_nll(model: nn.Module, params, batch: dict, *, deterministic: bool = True, rngs=None):
     """The model's weighted NLL of a batch of dict(inputs, targets[, weights, positions,
     segment_ids]) int32[B, T]: float32[B, T] NLL times weight, and the weights."""
-    logits_BxTxV = model.apply({"params": params}, batch["inputs"], **model_inputs(batch),
-                               deterministic=deterministic, rngs=rngs)
+    logits_BxTxV = model.apply(
+        {"params": params}, batch["inputs"], **model_inputs(batch), deterministic=deterministic, rngs=rngs
+    )
     return weighted_nll(logits_BxTxV, batch["targets"], batch.get("weights"))
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -51,6 +52,7 @@ LOGICAL_RULES = {
 
 def _cluster_detected(environ: Mapping[str, str]) -> str:
     """Name of the multi-process launcher JAX can read its settings from, or ''."""
+
     def count(key):
         try:
             return int(environ.get(key, "1"))
@@ -105,9 +107,13 @@ def distributed_args(parallel_cfg, environ: Mapping[str, str] | None = None) -> 
         raise UserError(
             "a multi-process run needs parallel.coordinator (host:port of process 0), parallel.num_processes "
             "and parallel.process_id, or the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
-            "JAX_PROCESS_ID; under SLURM, Open MPI or on a TPU pod they are detected")
+            "JAX_PROCESS_ID; under SLURM, Open MPI or on a TPU pod they are detected"
+        )
     if num_processes and not 0 <= process_id < num_processes and "process_id" in args:
-        raise UserError(f"parallel.process_id={process_id} must be in 0..{num_processes - 1} (parallel.num_processes={num_processes})")
+        raise UserError(
+            f"parallel.process_id={process_id} must be in 0..{num_processes - 1} "
+            f"(parallel.num_processes={num_processes})"
+        )
     return args
 
 
@@ -128,9 +134,11 @@ def initialize_distributed(parallel_cfg, environ: Mapping[str, str] | None = Non
     try:
         jax.distributed.initialize(**args)
     except ValueError as e:  # settings JAX could not complete from the environment
-        raise UserError(f"cannot start the multi-process run ({e}); set parallel.coordinator, "
-                        "parallel.num_processes and parallel.process_id (or JAX_COORDINATOR_ADDRESS, "
-                        "JAX_NUM_PROCESSES, JAX_PROCESS_ID)") from None
+        raise UserError(
+            f"cannot start the multi-process run ({e}); set parallel.coordinator, "
+            "parallel.num_processes and parallel.process_id (or JAX_COORDINATOR_ADDRESS, "
+            "JAX_NUM_PROCESSES, JAX_PROCESS_ID)"
+        ) from None
     return True
 
 
@@ -156,8 +164,9 @@ class Parallel(Protocol):
     def describe(self) -> str:
         """One line for the run's first lines: layout, devices, processes."""
 
-    def state_shardings(self, model: nn.Module, tx: optax.GradientTransformation, init_state: Callable,
-                        rng: jax.Array) -> TrainState:
+    def state_shardings(
+        self, model: nn.Module, tx: optax.GradientTransformation, init_state: Callable, rng: jax.Array
+    ) -> TrainState:
         """The sharding of every leaf of the global state."""
 
     def init_state(self, init_state: Callable, shardings: TrainState, rng: jax.Array) -> Any:
@@ -205,12 +214,17 @@ def mesh_shape(parallel_cfg, n_devices: int) -> tuple[int, int, int]:
     if -1 in sizes:
         fixed = " x ".join(f"{n}={s}" for n, s in zip(names, sizes) if s != -1)
         if n_devices % known:
-            raise UserError(f"{fixed} = {known} does not divide the {n_devices} devices; choose sizes whose product divides {n_devices}")
+            raise UserError(
+                f"{fixed} = {known} does not divide the {n_devices} devices; choose sizes whose product divides "
+                f"{n_devices}"
+            )
         sizes[sizes.index(-1)] = n_devices // known
     if math.prod(sizes) != n_devices:
-        raise UserError(f"the mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices, "
-                        f"but there are {n_devices}; make the product of parallel.data, parallel.fsdp, parallel.tensor "
-                        f"equal {n_devices} or set one of them to -1")
+        raise UserError(
+            f"the mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices, "
+            f"but there are {n_devices}; make the product of parallel.data, parallel.fsdp, parallel.tensor "
+            f"equal {n_devices} or set one of them to -1"
+        )
     return tuple(sizes)
 
 
@@ -241,13 +255,19 @@ def _by_process(devices) -> list:
 def _row_block(sharding: NamedSharding, global_rows: int) -> tuple[int, int]:
     """(index, count): this process's devices hold block `index` of `count` equal, contiguous
     blocks of the rows (processes that are replicas of each other share a block)."""
-    spans = sorted({(s[0].start or 0, global_rows if s[0].stop is None else s[0].stop)
-                    for s in sharding.addressable_devices_indices_map((global_rows,)).values()})
+    spans = sorted(
+        {
+            (s[0].start or 0, global_rows if s[0].stop is None else s[0].stop)
+            for s in sharding.addressable_devices_indices_map((global_rows,)).values()
+        }
+    )
     lo, hi = spans[0][0], spans[-1][1]
     size = hi - lo
     if sum(b - a for a, b in spans) != size or global_rows % size or lo % size:
-        raise UserError(f"parallel.tensor={sharding.mesh.shape['tensor']} splits the {jax.local_device_count()} devices "
-                        "of a process unevenly; make parallel.tensor divide the devices per process, or be a multiple of it")
+        raise UserError(
+            f"parallel.tensor={sharding.mesh.shape['tensor']} splits the {jax.local_device_count()} devices "
+            "of a process unevenly; make parallel.tensor divide the devices per process, or be a multiple of it"
+        )
     return lo // size, global_rows // size
 
 
@@ -268,19 +288,30 @@ class MeshParallel:
 
     def describe(self) -> str:
         hosts = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
-        return (f"mesh data={self.shape[0]} fsdp={self.shape[1]} tensor={self.shape[2]} over "
-                f"{self.mesh.size} {self.mesh.devices.flat[0].platform} devices{hosts}")
+        return (
+            f"mesh data={self.shape[0]} fsdp={self.shape[1]} tensor={self.shape[2]} over "
+            f"{self.mesh.size} {self.mesh.devices.flat[0].platform} devices{hosts}"
+        )
 
     def state_shardings(self, model: nn.Module, tx: optax.GradientTransformation, init_state: Callable, rng):
         """Shardings of every leaf of the TrainState, from the model's logical axis names."""
         boxed = jax.eval_shape(lambda r: model.init(r, np.zeros((1, 1), np.int32))["params"], rng)
         logical = nn.get_partition_spec(boxed)
         abstract = jax.eval_shape(init_state, rng)
-        param_sh = jax.tree.map(lambda spec, a: logical_to_sharding(spec, a.shape, self.mesh),
-                                logical, abstract.params, is_leaf=lambda x: isinstance(x, P))
-        opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, param_sh,
-                                       transform_non_params=lambda _: self.replicated,
-                                       is_leaf=lambda x: isinstance(x, NamedSharding))
+        param_sh = jax.tree.map(
+            lambda spec, a: logical_to_sharding(spec, a.shape, self.mesh),
+            logical,
+            abstract.params,
+            is_leaf=lambda x: isinstance(x, P),
+        )
+        opt_sh = optax.tree_map_params(
+            tx,
+            lambda _, s: s,
+            abstract.opt_state,
+            param_sh,
+            transform_non_params=lambda _: self.replicated,
+            is_leaf=lambda x: isinstance(x, NamedSharding),
+        )
         rep = self.replicated
         return TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep, skipped=rep)
 
@@ -290,18 +321,27 @@ class MeshParallel:
 
     def compile_step(self, make_step: Callable, shardings: TrainState) -> Callable:
         step = make_step(axis_name=None)
-        return jax.jit(step, in_shardings=(shardings, self.batch_sharding),
-                       out_shardings=(shardings, self.replicated), donate_argnums=0)
+        return jax.jit(
+            step,
+            in_shardings=(shardings, self.batch_sharding),
+            out_shardings=(shardings, self.replicated),
+            donate_argnums=0,
+        )
 
     def compile_eval(self, make_eval: Callable, shardings: TrainState) -> Callable:
-        return jax.jit(make_eval(axis_name=None), in_shardings=(shardings.params, self.batch_sharding),
-                       out_shardings=self.replicated)
+        return jax.jit(
+            make_eval(axis_name=None),
+            in_shardings=(shardings.params, self.batch_sharding),
+            out_shardings=self.replicated,
+        )
 
     def put_batch(self, local_batch: dict) -> dict:
         """This process's rows of the global batch → global arrays sharded over data x fsdp."""
         count = self.process_block[1]
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, (v.shape[0] * count, *v.shape[1:]))
-                for k, v in local_batch.items()}
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding, v, (v.shape[0] * count, *v.shape[1:]))
+            for k, v in local_batch.items()
+        }
 
     def restore(self, read: Callable[[Any], Any], abstract: Any, shardings: Any) -> Any:
         return read(restore_target(abstract, shardings))
@@ -354,8 +394,9 @@ class PmapParallel:
     def put_batch(self, local_batch: dict) -> dict:
         """This process's rows → [local devices, rows per device, ...] arrays, one slice each."""
         n = len(self.local_devices)
-        return {k: jax.device_put(v.reshape(n, v.shape[0] // n, *v.shape[1:]), self.stacked)
-                for k, v in local_batch.items()}
+        return {
+            k: jax.device_put(v.reshape(n, v.shape[0] // n, *v.shape[1:]), self.stacked) for k, v in local_batch.items()
+        }
 
     def restore(self, read: Callable[[Any], Any], abstract: Any, shardings: Any) -> Any:
         return self._stack(read(restore_target(abstract, shardings)))
@@ -363,6 +404,7 @@ class PmapParallel:
     def to_global(self, state):
         """Stacked per-device copies → one copy replicated on every device of every process
         (through the host: no per-shape compilations, and saving copies to host anyway)."""
+
         def one(x):
             host = np.asarray(x.addressable_data(0))[0]
             return jax.make_array_from_callback(host.shape, self.replicated, lambda index: host[index])
@@ -388,12 +430,16 @@ def build_parallel(parallel_cfg):
     strategy = parallel_cfg.strategy
     if strategy == "single":
         if jax.process_count() > 1:
-            raise UserError("parallel.strategy='single' runs on one device of one process; use 'mesh' for a multi-process run")
+            raise UserError(
+                "parallel.strategy='single' runs on one device of one process; use 'mesh' for a multi-process run"
+            )
         return MeshParallel(mesh_config(1), jax.devices()[:1])
     if strategy == "pmap":
         if parallel_cfg.fsdp != 1 or parallel_cfg.tensor != 1 or parallel_cfg.data not in (-1, jax.device_count()):
-            raise UserError("parallel.strategy='pmap' is data parallel over all devices; set parallel.fsdp=1, "
-                            "parallel.tensor=1 and parallel.data=-1, or use parallel.strategy='mesh'")
+            raise UserError(
+                "parallel.strategy='pmap' is data parallel over all devices; set parallel.fsdp=1, "
+                "parallel.tensor=1 and parallel.data=-1, or use parallel.strategy='mesh'"
+            )
         return PmapParallel()
     return MeshParallel(parallel_cfg)
 
@@ -404,4 +450,5 @@ def check_batch(global_batch: int, grad_accum: int, parallel) -> None:
         raise UserError(
             f"train.batch_size={global_batch} / train.grad_accum={grad_accum} = {per_micro} sequences per micro-batch "
             f"does not divide over {parallel.batch_divisor} data-parallel devices (parallel.data x parallel.fsdp); "
-            f"use a multiple of {parallel.batch_divisor}")
+            f"use a multiple of {parallel.batch_divisor}"
+        )

@@ -6,7 +6,8 @@ A batch is a dict of int32[B, T] arrays: 'inputs', 'targets', and optionally 'we
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -27,12 +28,23 @@ class TrainState:
 
 
 def create_state(params, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=rng, skipped=jnp.zeros((), jnp.int32))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=rng,
+        skipped=jnp.zeros((), jnp.int32),
+    )
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_schedule: Callable,
-                    grad_accum: int = 1, axis_name: str | None = None, on_nan: str = "halt"):
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    lr_schedule: Callable,
+    grad_accum: int = 1,
+    axis_name: str | None = None,
+    on_nan: str = "halt",
+):
     """Build `train_step(state, batch) -> (state, metrics)`.
 
     The loss is token-weighted over the whole global batch: gradients of the summed NLL are
@@ -55,6 +67,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
         if grad_accum == 1:  # no loop: XLA fuses across it and keeps no gradient accumulator
             (nll, count), grads = grad_fn(state.params, batch, jax.random.fold_in(rng, 0))
         else:
+
             def accumulate(carry, xs):
                 i, mb = xs
                 (nll, count), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
@@ -63,11 +76,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
 
             # Micro-batch i takes rows i, i + accum, ...: each device's block of rows feeds every
             # micro-batch, so accumulation moves no data between devices.
-            micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
+            micro = jax.tree.map(
+                lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch
+            )
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             (nll, count, grads), _ = jax.lax.scan(
-                accumulate, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros),
-                (jnp.arange(grad_accum), micro))
+                accumulate,
+                (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros),
+                (jnp.arange(grad_accum), micro),
+            )
         if axis_name is not None:
             nll, count, grads = jax.lax.psum((nll, count, grads), axis_name)
         loss = nll / count
@@ -80,17 +97,24 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
         # so a checkpoint never holds an Inf/NaN state.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
         if on_nan == "skip":  # keep the previous parameters and moments for a bad update
+
             def keep(new, old):
                 return jnp.where(finite, new, old)
 
             params = jax.tree.map(keep, params, state.params)
             opt_state = jax.tree.map(keep, opt_state, state.opt_state)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  skipped=state.skipped + (~finite).astype(jnp.int32))
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, skipped=state.skipped + (~finite).astype(jnp.int32)
+        )
         metrics = {
-            "loss": loss, "tokens": count, "grad_norm": grad_norm,
-            "update_norm": optax.tree.norm(updates), "param_norm": optax.tree.norm(params),
-            "lr": lr_schedule(state.step), "finite": finite, "skipped": new_state.skipped,
+            "loss": loss,
+            "tokens": count,
+            "grad_norm": grad_norm,
+            "update_norm": optax.tree.norm(updates),
+            "param_norm": optax.tree.norm(params),
+            "lr": lr_schedule(state.step),
+            "finite": finite,
+            "skipped": new_state.skipped,
         }
         return new_state, metrics
 
