@@ -95,30 +95,54 @@ def _spawned_workers():
         multiprocess.set_start_method(previous, force=True)
 
 
+def _record_batches(tokenized):
+    """The tokenized split's Arrow record batches in order, read from its cache files one at a
+    time (not memory-mapped: pages of a mapped file would stay resident as the pass goes on)."""
+    import pyarrow as pa
+
+    files = [f["filename"] for f in tokenized.cache_files]
+    if not files:  # an in-memory dataset
+        yield from tokenized.data.table.to_batches()
+        return
+    for name in files:
+        with pa.OSFile(name) as f, pa.ipc.open_stream(f) as reader:
+            yield from reader
+
+
+def _write_npy_header(f, dtype: np.dtype, length: int) -> None:
+    from numpy.lib import format as npy
+
+    npy.write_array_header_1_0(f, {"descr": npy.dtype_to_descr(dtype), "fortran_order": False, "shape": (length,)})
+
+
 def _pack(tokenized, eot_id: int, vocab_size: int, out_dir: Path) -> int:
-    """Write the packed arrays of a tokenized split, one Arrow chunk at a time; return its token count."""
-    from numpy.lib.format import open_memmap
+    """Write the packed arrays of a tokenized split; return its token count.
+
+    One pass over the ragged ids, one Arrow record batch at a time, appending each batch's
+    documents (each followed by EOT) to tokens.npy: memory stays bounded by a batch, whatever
+    the size of the corpus.
+    """
     import pyarrow.compute as pc
 
     table = tokenized.data.table
-    ids = table.column("ids")
-    lengths = pc.list_value_length(ids).to_numpy().astype(np.int64)
+    lengths = pc.list_value_length(table.column("ids")).to_numpy().astype(np.int64)  # reads only the offsets
     kept = lengths > 0
     # Document i starts at starts[i]; an empty document takes no room (not even an EOT).
     starts = np.concatenate([[0], np.cumsum(np.where(kept, lengths + 1, 0))])
     total = int(starts[-1])
-    tokens = open_memmap(out_dir / "tokens.npy", mode="w+", dtype=token_dtype(vocab_size), shape=(total,))
-    tokens[:] = eot_id
-    first = 0  # index of the chunk's first document
-    for chunk in ids.chunks:
-        flat = pc.list_flatten(chunk).to_numpy(zero_copy_only=False)
-        lens = lengths[first:first + len(chunk)]
-        offsets = np.concatenate([[0], np.cumsum(lens)[:-1]])
-        # Token j of document i lands at starts[i] + j.
-        tokens[np.arange(len(flat)) + np.repeat(starts[first:first + len(chunk)] - offsets, lens)] = flat
-        first += len(chunk)
-    tokens.flush()
-    del tokens
+    dtype = token_dtype(vocab_size)
+    written = 0
+    with open(out_dir / "tokens.npy", "wb") as f:
+        _write_npy_header(f, dtype, total)
+        for batch in _record_batches(tokenized):
+            ids = batch.column(batch.schema.get_field_index("ids"))
+            lens = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
+            flat = pc.list_flatten(ids).to_numpy(zero_copy_only=False)
+            out = np.insert(flat, np.cumsum(lens)[lens > 0], eot_id).astype(dtype)  # an EOT after each document
+            f.write(out.tobytes())
+            written += len(out)
+    if written != total:
+        raise RuntimeError(f"packed {written} tokens where the offsets promised {total}")
     np.save(out_dir / "doc_starts.npy", np.append(starts[:-1][kept], total).astype(np.int64))
     np.save(out_dir / "doc_bytes.npy", table.column("n_bytes").to_numpy()[kept].astype(np.int64))
     return total

@@ -60,7 +60,9 @@ class HFTokenizer(Tokenizer):
         return self.tok.encode(text).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(list(texts))]
+        # encode_batch_fast: the same ids without the character offsets, which cost about a third.
+        fast = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
+        return [e.ids for e in fast(list(texts))]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode([i for i in ids if i != self.eot_id], skip_special_tokens=False)

@@ -1,0 +1,327 @@
+"""`lmjax plan EXPERIMENT`: what the train step needs per device, known before renting one.
+
+The step is built from the config exactly as `lmjax train` builds it (build_run,
+make_train_step, MeshParallel.compile_step), lowered with abstract inputs (ShapeDtypeStructs
+that carry their shardings) and compiled ahead of time. Nothing runs: no data are read, no
+tokenizer is trained, no parameter is initialised.
+
+The devices are N simulated CPU devices (XLA's --xla_force_host_platform_device_count, set
+before JAX starts), so the figures are those of XLA's CPU compiler for the configured mesh:
+parameters and optimizer state are exact for any platform (they are the shards' sizes);
+temporaries (activations, gradients, attention) are what the CPU program needs, which differs
+from a GPU's or TPU's program (see the README, "Know before you rent").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+from lmjax.errors import UserError
+
+GiB = 2**30
+
+# Memory per JAX device in bytes (what the device reports), and the share JAX's allocator takes
+# by default: 75% on a GPU (XLA_PYTHON_CLIENT_MEM_FRACTION changes it), nearly all on a TPU.
+# A TPU v4 or v5p chip is one JAX device (megacore); v5e and v6e have one core per chip.
+DEVICE_MEMORY: dict[str, tuple[int, float]] = {
+    "A100-40G": (40_960 * 2**20, 0.75),
+    "A100-80G": (81_920 * 2**20, 0.75),
+    "H100-80G": (81_559 * 2**20, 0.75),
+    "H200-141G": (143_771 * 2**20, 0.75),
+    "TPU-v4": (32 * GiB, 1.0),
+    "TPU-v5e": (16 * GiB, 1.0),
+    "TPU-v5p": (95 * GiB, 1.0),
+    "TPU-v6e": (32 * GiB, 1.0),
+}
+
+# build_tokenizer's vocabulary for tokenizer.kind='bpe' with tokenizer.vocab_size=0.
+DEFAULT_BPE_VOCAB = 4096
+
+
+@dataclass
+class ArrayPlan:
+    """One array of the train state: its global shape and what one device holds of it."""
+
+    name: str
+    shape: tuple
+    dtype: str
+    spec: str
+    device_shape: tuple
+    device_bytes: int
+
+
+@dataclass
+class Plan:
+    """Per-device bytes of one compiled train step, and what it was compiled for."""
+
+    experiment: str
+    devices: int
+    platform: str
+    mesh: str
+    model: str
+    n_params: int
+    vocab_size: int
+    vocab_source: str
+    tokens_per_step: int
+    params_bytes: int  # per device
+    opt_state_bytes: int  # per device
+    other_state_bytes: int  # step counter, dropout key, skipped counter
+    batch_bytes: int  # per device
+    temp_bytes: int  # per device: activations, gradients, workspaces of the compiled program
+    peak_bytes: int  # per device: live inputs + outputs not donated + temporaries
+    flops_per_step: float | None  # model FLOPs (lmjax.flops), all devices together
+    xla_flops_per_device: float | None  # what XLA's cost analysis counts in the compiled program
+    largest: list[ArrayPlan] = field(default_factory=list)
+
+    def fits(self, device_name: str) -> tuple[bool, float]:
+        """(whether the peak fits, bytes JAX can use) on one device of `device_name`."""
+        total, fraction = DEVICE_MEMORY[device_name]
+        if device_name.startswith(("A", "H")) and os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"):
+            fraction = float(os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"])
+        usable = total * fraction
+        return self.peak_bytes <= usable, usable
+
+
+def vocab_size_without_data(cfg) -> tuple[int, str]:
+    """(vocabulary size, where it came from), known without reading the corpus."""
+    from lmjax.data.tokenizers import ByteTokenizer, build_tokenizer
+
+    tok = cfg.tokenizer
+    if cfg.model.vocab_size:
+        return cfg.model.vocab_size, "model.vocab_size"
+    if tok.kind == "byte":
+        return ByteTokenizer.vocab_size, "byte tokenizer"
+    if tok.kind == "bpe":
+        return tok.vocab_size or DEFAULT_BPE_VOCAB, "bpe target size; a small corpus may give fewer"
+    if tok.kind in ("hf", "tiktoken"):
+        return build_tokenizer(tok, ()).vocab_size, f"{tok.kind} file {tok.path}"
+    if tok.kind in ("char", "word") and tok.vocab_size:
+        return tok.vocab_size, f"tokenizer.vocab_size cap of the {tok.kind} tokenizer"
+    raise UserError(f"the vocabulary of tokenizer.kind='{tok.kind}' with tokenizer.vocab_size=0 is known only after "
+                    "reading the corpus; set model.vocab_size (or tokenizer.vocab_size) to plan without data")
+
+
+def _device_bytes(shape: tuple, dtype, sharding) -> tuple[tuple, int]:
+    import numpy as np
+
+    device_shape = tuple(sharding.shard_shape(shape))
+    return device_shape, int(math.prod(device_shape)) * np.dtype(dtype).itemsize
+
+
+def _tree_bytes(tree) -> int:
+    import jax
+
+    return sum(_device_bytes(x.shape, x.dtype, x.sharding)[1] for x in jax.tree.leaves(tree))
+
+
+def _abstract_batch(cfg, parallel) -> dict:
+    """ShapeDtypeStructs of one global batch, with the keys and dtypes the data pipeline makes."""
+    import jax
+    import numpy as np
+
+    from lmjax.data.batches import windows
+    from lmjax.data.cache import TokenSplit
+
+    t = cfg.data.seq_len
+    one_doc = TokenSplit(np.zeros(t + 1, np.uint16), np.array([0, t + 1]), np.array([t + 1]))
+    row = windows(one_doc, np.zeros(1, np.int64), t, cfg.data.document_mask)
+    return {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape[1:]), v.dtype, sharding=parallel.batch_sharding)
+            for k, v in row.items()}
+
+
+def _largest(state, count: int) -> list[ArrayPlan]:
+    import jax
+
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    leaves.sort(key=lambda kv: -math.prod(kv[1].shape) * kv[1].dtype.itemsize)
+    out = []
+    for path, x in leaves[:count]:
+        device_shape, nbytes = _device_bytes(x.shape, x.dtype, x.sharding)
+        out.append(ArrayPlan(jax.tree_util.keystr(path, simple=True, separator="/"), tuple(x.shape), str(x.dtype),
+                             str(x.sharding.spec), device_shape, nbytes))
+    return out
+
+
+def _build_run(cfg, vocab_size: int, parallel):
+    try:
+        from lmjax.run import build_run
+    except ImportError:
+        from lmjax.train.loop import build_run
+    return build_run(cfg, Path(os.devnull), vocab_size, parallel)
+
+
+def make_plan(cfg, experiment: str = "", devices=None, largest: int = 6) -> Plan:
+    """Compile the train step of `cfg` ahead of time on `devices` (default: all JAX devices)."""
+    import jax
+
+    from lmjax.flops import flops_per_token
+    from lmjax.train.loop import count_params
+    from lmjax.train.parallel import MeshParallel, check_batch
+    from lmjax.train.step import make_train_step
+
+    vocab_size, vocab_source = vocab_size_without_data(cfg)
+    parallel_cfg = cfg.parallel
+    if parallel_cfg.strategy == "single":
+        devices = (devices or jax.devices())[:1]
+    # pmap keeps a full copy per device, as the data-parallel mesh does: plan it as that mesh.
+    parallel = MeshParallel(parallel_cfg, devices)
+    check_batch(cfg.train.batch_size, cfg.train.grad_accum, parallel)
+    run = _build_run(cfg, vocab_size, parallel)
+    state = parallel.restore_target(run.abstract_state(), run.shardings)
+    batch = _abstract_batch(cfg, parallel)
+    step = parallel.compile_step(partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum,
+                                         on_nan=cfg.train.on_nan), run.shardings)
+    compiled = step.lower(state, batch).compile()
+    memory = compiled.memory_analysis()
+    try:
+        cost = compiled.cost_analysis()
+        xla_flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost).get("flops", 0.0)) or None
+    except Exception:  # noqa: BLE001 - cost analysis is optional and platform-dependent
+        xla_flops = None
+    params = _tree_bytes(state.params)
+    opt = _tree_bytes(state.opt_state)
+    everything = _tree_bytes(state)
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    per_token = flops_per_token(getattr(run.model, "cfg", None), cfg.data.seq_len)
+    peak = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes + memory.temp_size_in_bytes
+    return Plan(
+        experiment=experiment, devices=parallel.n_devices, platform=parallel.mesh.devices.flat[0].platform,
+        mesh=parallel.describe(), model=cfg.model.kind, n_params=count_params(state.params),
+        vocab_size=vocab_size, vocab_source=vocab_source, tokens_per_step=tokens,
+        params_bytes=params, opt_state_bytes=opt, other_state_bytes=everything - params - opt,
+        batch_bytes=_tree_bytes(batch), temp_bytes=int(memory.temp_size_in_bytes), peak_bytes=int(peak),
+        flops_per_step=per_token * tokens if per_token else None, xla_flops_per_device=xla_flops,
+        largest=_largest(state, largest))
+
+
+def _size(n: float) -> str:
+    if n >= GiB:
+        return f"{n / GiB:8.2f} GiB"
+    return f"{n / 2**20:8.1f} MiB" if n >= 2**20 else f"{n / 2**10:8.1f} KiB"
+
+
+def format_plan(p: Plan, cfg) -> str:
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    lines = [
+        f"plan for {p.experiment}: {p.model}, {p.n_params:,} parameters, vocabulary {p.vocab_size:,} ({p.vocab_source})",
+        f"{p.mesh}; step of {cfg.train.batch_size} x {cfg.data.seq_len} = {p.tokens_per_step:,} tokens "
+        f"({cfg.train.grad_accum} micro-batch{'es' if cfg.train.grad_accum > 1 else ''} of {micro}), "
+        f"model.dtype={cfg.model.dtype}, model.remat={cfg.model.remat}",
+        f"compiled ahead of time by XLA for {p.platform}; nothing was run",
+        "per device:",
+        f"  parameters        {_size(p.params_bytes)}",
+        f"  optimizer state   {_size(p.opt_state_bytes)}",
+        f"  other state       {_size(p.other_state_bytes)}   (step, dropout key)",
+        f"  batch             {_size(p.batch_bytes)}",
+        f"  temporaries       {_size(p.temp_bytes)}   (activations, gradients, workspaces of the compiled step)",
+        f"  peak              {_size(p.peak_bytes)}   (inputs + outputs not donated + temporaries)",
+    ]
+    if p.flops_per_step:
+        lines.append(f"model FLOPs per step  {p.flops_per_step:.4g} ({p.flops_per_step / p.devices:.4g} per device)")
+    else:
+        lines.append("model FLOPs per step  not counted for this model kind")
+    if p.xla_flops_per_device:
+        lines.append(f"XLA's count of the compiled program: {p.xla_flops_per_device:.4g} FLOPs per device")
+    lines.append("largest arrays of the train state (global shape, sharding, one device's share):")
+    for a in p.largest:
+        lines.append(f"  {a.name:40} {str(list(a.shape)):16} {a.dtype:8} {a.spec:28} "
+                     f"{str(list(a.device_shape)):16} {_size(a.device_bytes).strip()}")
+    lines.append("fits one device of (by the peak above; GPUs: JAX's default 75% share unless "
+                 "XLA_PYTHON_CLIENT_MEM_FRACTION is set):")
+    for name in DEVICE_MEMORY:
+        ok, usable = p.fits(name)
+        lines.append(f"  {name:10} {'yes' if ok else 'no ':3}  usable {usable / GiB:6.1f} GiB")
+    return "\n".join(lines)
+
+
+def check_device(p: Plan, device_name: str) -> None:
+    """UserError when the plan does not fit one device of `device_name`."""
+    ok, usable = p.fits(device_name)
+    if not ok:
+        raise UserError(f"the train step needs {p.peak_bytes / GiB:.2f} GiB per device but a {device_name} gives JAX "
+                        f"{usable / GiB:.1f} GiB; raise train.grad_accum, set model.remat='full', lower "
+                        "train.batch_size, or shard the state with parallel.fsdp")
+
+
+def device_name(name: str) -> str:
+    """The DEVICE_MEMORY key for `name`, matched without case or punctuation."""
+    def norm(s):
+        return "".join(ch for ch in s.lower() if ch.isalnum())
+
+    for key in DEVICE_MEMORY:
+        if norm(key) == norm(name) or norm(key).startswith(norm(name)) and norm(name)[-1:].isalpha():
+            return key
+    raise UserError(f"unknown --device '{name}'; choose one of {', '.join(DEVICE_MEMORY)}")
+
+
+def default_devices(parallel_cfg) -> int:
+    """Devices the config's mesh names (an axis of -1 counts as 1)."""
+    if parallel_cfg.strategy == "single":
+        return 1
+    return math.prod(max(s, 1) for s in (parallel_cfg.data, parallel_cfg.fsdp, parallel_cfg.tensor))
+
+
+def simulated_env(devices: int, environ=None) -> dict:
+    """The environment of a process whose JAX sees `devices` CPU devices."""
+    env = dict(os.environ if environ is None else environ)
+    flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f)
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def run_plan(experiment: str, overrides, devices: int = 0, device: str = "", json_out: str = "") -> int:
+    """`lmjax plan`: load the config, compile on simulated devices, print the plan.
+
+    JAX fixes its device count when it starts, so a process where JAX has already started
+    (a test calling the CLI) plans in a child process.
+    """
+    from lmjax import config as config_lib
+
+    cfg = config_lib.load(experiment, overrides)
+    name = device_name(device) if device else ""
+    if devices < 0:
+        raise UserError(f"--devices {devices} must be positive")
+    n = devices or default_devices(cfg.parallel)
+    env = simulated_env(n)
+    ready = all(os.environ.get(k) == env[k] for k in ("XLA_FLAGS", "JAX_PLATFORMS"))
+    if "jax" in sys.modules and not ready:
+        argv = [sys.executable, "-m", "lmjax.plan", experiment, "--devices", str(n), *overrides]
+        argv += ["--device", name] if name else []
+        argv += ["--json", json_out] if json_out else []
+        return subprocess.run(argv, env=env).returncode
+    os.environ.update(env)
+    p = make_plan(cfg, experiment)
+    print(format_plan(p, cfg), flush=True)
+    if json_out:
+        Path(json_out).write_text(json.dumps(asdict(p), indent=2))
+    if name:
+        check_device(p, name)
+    return 0
+
+
+def main(argv=None) -> int:
+    """`python -m lmjax.plan EXPERIMENT --devices N [--device NAME] [--config.KEY=VALUE ...]`."""
+    parser = argparse.ArgumentParser(prog="lmjax plan")
+    parser.add_argument("experiment")
+    parser.add_argument("--devices", type=int, default=0)
+    parser.add_argument("--device", default="")
+    parser.add_argument("--json", default="")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        return run_plan(args.experiment, overrides, args.devices, args.device, args.json)
+    except UserError as e:
+        print(f"lmjax: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
