@@ -78,7 +78,6 @@ class Plan:
     temp_bytes: int  # per device: activations, gradients, workspaces of the compiled program
     peak_bytes: int  # per device: live inputs + outputs not donated + temporaries
     flops_per_step: float | None  # model FLOPs (lmjax.flops), all devices together
-    xla_flops_per_device: float | None  # what XLA's cost analysis counts in the compiled program
     largest: list[ArrayPlan] = field(default_factory=list)
 
     def fits(self, device_name: str) -> tuple[bool, float]:
@@ -181,11 +180,6 @@ def make_plan(cfg, experiment: str = "", devices=None, largest: int = 6) -> Plan
                                          on_nan=cfg.train.on_nan), run.shardings)
     compiled = step.lower(state, batch).compile()
     memory = compiled.memory_analysis()
-    try:
-        cost = compiled.cost_analysis()
-        xla_flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost).get("flops", 0.0)) or None
-    except Exception:  # noqa: BLE001 - cost analysis is optional and platform-dependent
-        xla_flops = None
     params = _tree_bytes(state.params)
     opt = _tree_bytes(state.opt_state)
     everything = _tree_bytes(state)
@@ -198,7 +192,7 @@ def make_plan(cfg, experiment: str = "", devices=None, largest: int = 6) -> Plan
         vocab_size=vocab_size, vocab_source=vocab_source, tokens_per_step=tokens,
         params_bytes=params, opt_state_bytes=opt, other_state_bytes=everything - params - opt,
         batch_bytes=_tree_bytes(batch), temp_bytes=int(memory.temp_size_in_bytes), peak_bytes=int(peak),
-        flops_per_step=per_token * tokens if per_token else None, xla_flops_per_device=xla_flops,
+        flops_per_step=per_token * tokens if per_token else None,
         largest=_largest(state, largest))
 
 
@@ -228,8 +222,6 @@ def format_plan(p: Plan, cfg) -> str:
         lines.append(f"model FLOPs per step  {p.flops_per_step:.4g} ({p.flops_per_step / p.devices:.4g} per device)")
     else:
         lines.append("model FLOPs per step  not counted for this model kind")
-    if p.xla_flops_per_device:
-        lines.append(f"XLA's count of the compiled program: {p.xla_flops_per_device:.4g} FLOPs per device")
     lines.append("largest arrays of the train state (global shape, sharding, one device's share):")
     for a in p.largest:
         lines.append(f"  {a.name:40} {str(list(a.shape)):16} {a.dtype:8} {a.spec:28} "
@@ -252,13 +244,14 @@ def check_device(p: Plan, device_name: str) -> None:
 
 
 def device_name(name: str) -> str:
-    """The DEVICE_MEMORY key for `name`, matched without case or punctuation."""
+    """The DEVICE_MEMORY key for `name`, matched without case or punctuation ('h100' is H100-80G)."""
     def norm(s):
         return "".join(ch for ch in s.lower() if ch.isalnum())
 
-    for key in DEVICE_MEMORY:
-        if norm(key) == norm(name) or norm(key).startswith(norm(name)) and norm(name)[-1:].isalpha():
-            return key
+    exact = [key for key in DEVICE_MEMORY if norm(key) == norm(name)]
+    prefixed = [key for key in DEVICE_MEMORY if norm(key).startswith(norm(name))]
+    if exact or len(prefixed) == 1:
+        return (exact or prefixed)[0]
     raise UserError(f"unknown --device '{name}'; choose one of {', '.join(DEVICE_MEMORY)}")
 
 

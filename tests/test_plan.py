@@ -1,0 +1,94 @@
+"""`lmjax plan`: figures of the ahead-of-time compiled train step against counts made by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ml_collections import ConfigDict
+
+from lmjax.errors import UserError
+from lmjax.plan import DEVICE_MEMORY, GiB, Plan, check_device, default_devices, device_name, vocab_size_without_data
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "experiments" / "tiny.py")
+# No biases, RMSNorm scales only, rotary positions: every matrix divides by 8, every vector is a norm scale.
+V, D, L, F = 256, 32, 2, 128
+SHAPE = [f"--config.model.vocab_size={V}", f"--config.model.d_model={D}", f"--config.model.n_layers={L}",
+         "--config.model.n_heads=4", f"--config.model.d_ff={F}", "--config.model.bias=False",
+         "--config.model.norm=rmsnorm", "--config.model.positions=rope", "--config.train.batch_size=16"]
+
+
+def plan_cli(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "lmjax.cli", "plan", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("fsdp", [1, 8])
+def test_parameter_and_optimizer_bytes_match_a_count_by_hand(tmp_path, fsdp):
+    out = tmp_path / "plan.json"
+    r = plan_cli(TINY, "--devices", str(fsdp), f"--config.parallel.fsdp={fsdp}", "--config.parallel.data=1",
+                 *SHAPE, "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    p = json.loads(out.read_text())
+    matrices = V * D + L * (4 * D * D + 2 * D * F)  # tied embedding; q, k, v, out; MLP fc and proj
+    vectors = L * 2 * D + D  # two norm scales per block and the final norm: replicated
+    assert p["n_params"] == matrices + vectors
+    assert p["devices"] == fsdp
+    assert p["params_bytes"] == 4 * (matrices // fsdp + vectors)
+    # Adam: two float32 moments per parameter, sharded as the parameters; plus int32 step counters.
+    assert 0 < p["opt_state_bytes"] - 2 * p["params_bytes"] <= 16
+    assert p["batch_bytes"] == 2 * 4 * 16 * 32 // fsdp  # inputs and targets, int32, rows split over devices
+    assert p["temp_bytes"] > 0 and p["peak_bytes"] >= p["params_bytes"] + p["opt_state_bytes"] + p["temp_bytes"]
+    assert p["flops_per_step"] > 6 * (matrices) * 16 * 32
+    assert f"over {fsdp} cpu devices" in r.stdout and "H200-141G" in r.stdout
+
+
+def test_mesh_that_does_not_divide_the_devices_is_one_line():
+    r = plan_cli(TINY, "--devices", "8", "--config.parallel.fsdp=3")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "parallel.fsdp=3" in r.stderr and "8 devices" in r.stderr
+
+
+def test_a_plan_that_does_not_fit_the_named_device_exits_2():
+    # 2M x 2048 embedding: 16 GiB of float32 parameters, 48 GiB with Adam's moments.
+    r = plan_cli(TINY, "--device", "a100-40g", "--config.model.vocab_size=2000000", "--config.model.d_model=2048",
+                 "--config.model.n_layers=1", "--config.model.n_heads=16", "--config.data.seq_len=8")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "A100-40G" in r.stderr and "parallel.fsdp" in r.stderr
+    assert "A100-40G   no" in r.stdout
+
+
+def test_device_names_and_fit():
+    assert device_name("h100") == "H100-80G" and device_name("tpu v5e") == "TPU-v5e"
+    with pytest.raises(UserError, match="choose one of"):
+        device_name("rtx 9090")
+    plan = Plan("x", 1, "cpu", "", "transformer", 0, 0, "", 0, 0, 0, 0, 0, 0, int(20 * GiB), None)
+    check_device(plan, "TPU-v5p")
+    with pytest.raises(UserError, match="TPU-v5e"):
+        check_device(plan, "TPU-v5e")
+    assert set(DEVICE_MEMORY) >= {"A100-40G", "A100-80G", "H100-80G", "H200-141G", "TPU-v5e"}
+
+
+def test_device_count_from_the_mesh():
+    assert default_devices(ConfigDict({"strategy": "auto", "data": -1, "fsdp": 4, "tensor": 2})) == 8
+    assert default_devices(ConfigDict({"strategy": "single", "data": 2, "fsdp": 1, "tensor": 1})) == 1
+
+
+def test_vocabulary_without_data():
+    from lmjax.config import base_config
+
+    c = base_config()
+    assert vocab_size_without_data(c)[0] == 257  # byte
+    c.tokenizer.kind, c.tokenizer.vocab_size = "bpe", 50257
+    assert vocab_size_without_data(c)[0] == 50257
+    c.tokenizer.kind, c.tokenizer.vocab_size = "char", 0
+    with pytest.raises(UserError, match="model.vocab_size"):
+        vocab_size_without_data(c)
+    c.model.vocab_size = 300
+    assert vocab_size_without_data(c) == (300, "model.vocab_size")
