@@ -2,13 +2,17 @@
 
 1. Tokenization throughput (MB of UTF-8 text per second, one process) of each tokenizer kind:
    byte, char, word, bpe (trained here on part of the corpus), and tiktoken with --tiktoken FILE.
-   Also the token cache build (datasets.map + packing) for the byte tokenizer.
-2. Training step time of the default experiment's model (experiments/default.py) fed by the
+2. Tokenize-and-pack: lmjax's token cache build (build_or_load) against the libraries' own
+   batch encoding (HF tokenizers encode_batch_fast, tiktoken encode_ordinary_batch) on the same
+   text and vocabulary, on one core and on two (data.num_proc=2 against two library threads),
+   with the build's peak RSS; then the peak RSS of a larger build (byte tokenizer).
+3. Training step time of the default experiment's model (experiments/default.py) fed by the
    real pipeline (TrainBatches + Prefetcher + put_batch) against one synthetic batch of the
    same shape already on the device, in alternating rounds within one run, and the ratio.
    Target: the real pipeline costs < 3% extra.
 
-Usage: python scripts/bench_data.py [--rounds 8] [--steps 8] [--tokenize-mb 8] [--tiktoken r50k_base.tiktoken]
+Usage: python scripts/bench_data.py [--only tokenizers|pack|training] [--rounds 8] [--steps 8] [--tokenize-mb 8]
+       [--tiktoken r50k_base.tiktoken] [--pack-mb 4] [--pack-rounds 2] [--rss-mb 64]
 """
 
 from __future__ import annotations
@@ -62,17 +66,121 @@ def bench_tokenizers(texts: list[str], bpe_train_mb: float, tiktoken_path: str) 
         print(f"  {kind:9}{tok.vocab_size:>8}{built:>9.2f}{mb / seconds:>9.2f}{n_tokens / (mb * 2**20):>13.3f}")
 
 
-def bench_cache(cfg) -> None:
-    from lmjax.data.cache import build_or_load
-    from lmjax.data.sources import load_corpus
-    from lmjax.data.tokenizers import ByteTokenizer
+# ---------------------------------------------------------------------------------------
+# Tokenize-and-pack (lmjax's token cache build) against the libraries' own batch encoding.
+# Each measurement runs in a fresh process (its own thread settings and peak RSS), on the same
+# memory-mapped dataset, read in batches of 256 documents by both sides.
 
-    corpus = load_corpus(cfg.data)
-    mb = sum(len((t or "").encode("utf-8")) for t in corpus.train["text"]) / 2**20
+def gpt2_bytes_to_unicode() -> dict[int, str]:
+    """The byte → character table of byte-level BPE (GPT-2's; HF's ByteLevel alphabet)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+
+
+def write_tiktoken_like(bpe, path: Path) -> Path:
+    """The merges of a byte-level HF BPE as a .tiktoken file: rank = id (merge order), so
+    tiktoken encodes the same vocabulary (the bench counts documents whose ids differ)."""
+    import base64
+
+    to_byte = {c: b for b, c in gpt2_bytes_to_unicode().items()}
+    vocab = bpe.tok.get_vocab(with_added_tokens=False)
+    ranked = sorted((i, bytes(to_byte[c] for c in token)) for token, i in vocab.items())
+    path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % rank for rank, (_, t) in enumerate(ranked)))
+    return path
+
+
+def worker(spec: dict) -> dict:
+    """One measurement (in its own process): 'library' encodes batches with the tokenizer
+    library itself; 'lmjax' builds the token cache (build_or_load) with data.num_proc."""
+    import resource
+
+    import datasets
+    from ml_collections import ConfigDict
+
+    from lmjax.data.tokenizers import load_tokenizer
+
+    ds = datasets.load_from_disk(spec["dataset"])
+    tok = load_tokenizer(spec["tokenizer"])
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
-    build_or_load({"train": corpus.train}, ByteTokenizer(), cfg.data, log=lambda *_: None)
+    if spec["side"] == "library":
+        threads = spec["procs"]
+        if tok.kind == "tiktoken":
+            encode = partial(tok.enc.encode_ordinary_batch, num_threads=threads)
+        else:  # RAYON_NUM_THREADS (set by the caller) gives HF its threads
+            encode = lambda texts: [e.ids for e in tok.tok.encode_batch_fast(texts)]  # noqa: E731
+        tokens = sum(len(ids) for batch in ds.iter(batch_size=256) for ids in encode(batch["text"]))
+    else:
+        from lmjax.data.cache import build_or_load
+
+        cfg = ConfigDict({"cache_dir": spec["cache_dir"], "num_proc": spec["procs"]})
+        tokens = len(build_or_load({"train": ds}, tok, cfg, log=lambda *_: None)["train"].tokens)
     seconds = time.perf_counter() - t0
-    print(f"token cache build (byte, datasets.map + pack, num_proc={cfg.data.num_proc}): {mb:.1f} MB in {seconds:.2f} s = {mb / seconds:.1f} MB/s")
+    return {"seconds": seconds, "tokens": tokens, "rss_before": rss_before,
+            "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "rss_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
+
+
+def measure(spec: dict) -> dict:
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "RAYON_NUM_THREADS": str(spec["procs"] if spec["side"] == "library" else 1),
+           "TOKENIZERS_PARALLELISM": "true", "HF_DATASETS_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_pack(texts: list[str], bpe_train_mb: float, rounds: int, rss_mb: float, tmp: Path) -> None:
+    import datasets
+
+    from lmjax.data.tokenizers import ByteTokenizer, train_bpe
+    from lmjax.data.vocab_tokenizers import TiktokenTokenizer
+
+    mb = sum(len(t.encode("utf-8")) for t in texts) / 2**20
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp / "corpus"))
+    bpe = train_bpe(read_stdlib(bpe_train_mb), 4096)
+    bpe.save(tmp / "bpe")
+    tik = TiktokenTokenizer(write_tiktoken_like(bpe, tmp / "bpe.tiktoken"))
+    tik.save(tmp / "tiktoken")
+    same = sum(list(a) == list(b) for a, b in zip(tik.encode_batch(texts), bpe.encode_batch(texts)))
+    print(f"tokenize-and-pack against the libraries' batch encoding, {mb:.1f} MB of standard library source, "
+          f"BPE of 4096 ids (HF tokenizers) and the same merges in tiktoken (ids identical in {same} of "
+          f"{len(texts)} documents); MB/s, best of {rounds} alternating rounds:")
+    print(f"  {'tokenizer':10}{'cores':>6}{'library':>10}{'lmjax':>9}{'library/lmjax':>15}"
+          f"{'lmjax peak RSS (+ build)':>27}")
+    rates = {}
+    for procs in (1, 2):
+        for kind in ("bpe", "tiktoken"):
+            best = {"library": 0.0, "lmjax": 0.0}
+            rss = ""
+            for r in range(rounds):
+                for side in ("library", "lmjax"):
+                    got = measure({"side": side, "procs": procs, "dataset": str(tmp / "corpus"),
+                                   "tokenizer": str(tmp / kind), "cache_dir": str(tmp / f"cache{kind}{procs}{r}")})
+                    best[side] = max(best[side], mb / got["seconds"])
+                    if side == "lmjax":
+                        peak = max(got["rss_peak"], got["rss_children"])
+                        rss = f"{peak / 2**20:.0f} MiB (+{(got['rss_peak'] - got['rss_before']) / 2**20:.0f})"
+            rates[kind, procs] = best
+            print(f"  {kind:10}{procs:>6}{best['library']:>10.2f}{best['lmjax']:>9.2f}"
+                  f"{best['library'] / best['lmjax']:>15.2f}{rss:>27}")
+    for procs in (1, 2):
+        fastest = max(rates["bpe", procs]["library"], rates["tiktoken", procs]["library"])
+        ratios = ", ".join(f"{k} {fastest / rates[k, procs]['lmjax']:.2f}x" for k in ("bpe", "tiktoken"))
+        print(f"  {procs} core(s): the fastest library encoding / lmjax: {ratios}")
+
+    copies = max(1, round(rss_mb / mb))
+    datasets.Dataset.from_dict({"text": texts * copies}).save_to_disk(str(tmp / "big"))
+    ByteTokenizer().save(tmp / "byte")
+    got = measure({"side": "lmjax", "procs": 1, "dataset": str(tmp / "big"), "tokenizer": str(tmp / "byte"),
+                   "cache_dir": str(tmp / "cachebig")})
+    print(f"  memory: byte tokenizer on {mb * copies:.0f} MB ({copies} copies), {got['tokens'] * 2 / 2**20:.0f} MiB of "
+          f"tokens written: peak RSS {got['rss_peak'] / 2**20:.0f} MiB, of which the build added "
+          f"{(got['rss_peak'] - got['rss_before']) / 2**20:.0f} MiB; {mb * copies / got['seconds']:.1f} MB/s")
 
 
 def bench_training(cfg, run_dir: Path, rounds: int, steps: int) -> None:
@@ -146,16 +254,29 @@ def main() -> None:
     p.add_argument("--tokenize-mb", type=float, default=8.0, help="MB of the corpus to time tokenizers on")
     p.add_argument("--bpe-train-mb", type=float, default=2.0, help="MB of the corpus to train BPE on")
     p.add_argument("--tiktoken", default="", help="a local .tiktoken file to time as well")
+    p.add_argument("--pack-mb", type=float, default=4.0, help="MB of the corpus for tokenize-and-pack")
+    p.add_argument("--pack-rounds", type=int, default=2)
+    p.add_argument("--rss-mb", type=float, default=64.0, help="MB of corpus for the peak-memory measurement")
+    p.add_argument("--only", choices=("tokenizers", "pack", "training"), help="run one section")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.worker:
+        import json
+
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
 
     from lmjax import config as config_lib
 
-    bench_tokenizers(read_stdlib(args.tokenize_mb), args.bpe_train_mb, args.tiktoken)
+    if args.only in (None, "tokenizers"):
+        bench_tokenizers(read_stdlib(args.tokenize_mb), args.bpe_train_mb, args.tiktoken)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = config_lib.load(Path(__file__).resolve().parents[1] / "experiments" / "default.py",
-                              [f"--config.data.cache_dir={tmp}/cache"])
-        bench_cache(cfg)
-        bench_training(cfg, Path(tmp) / "run", args.rounds, args.steps)
+        if args.only in (None, "pack"):
+            bench_pack(read_stdlib(args.pack_mb), args.bpe_train_mb, args.pack_rounds, args.rss_mb, Path(tmp))
+        if args.only in (None, "training"):
+            cfg = config_lib.load(Path(__file__).resolve().parents[1] / "experiments" / "default.py",
+                                  [f"--config.data.cache_dir={tmp}/cache"])
+            bench_training(cfg, Path(tmp) / "run", args.rounds, args.steps)
 
 
 if __name__ == "__main__":

@@ -64,87 +64,84 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def _tokenize(ds, tokenizer: Tokenizer, num_proc: int, arrow_file: Path, fingerprint: str):
-    """Dataset with 'text' → Dataset with 'ids' (int32 lists) and 'n_bytes', written to `arrow_file`."""
-    from datasets import Features, Sequence, Value
-
-    def encode(batch):
-        texts = [t or "" for t in batch["text"]]  # a missing field (None) is an empty document
-        # int32 arrays: datasets writes them to Arrow ~8x faster than lists of Python ints.
-        return {"ids": [np.asarray(ids, np.int32) for ids in tokenizer.encode_batch(texts)],
-                "n_bytes": [len(t.encode("utf-8")) for t in texts]}
-
-    features = Features({"ids": Sequence(Value("int32")), "n_bytes": Value("int64")})
-    with _spawned_workers() if num_proc > 1 else contextlib.nullcontext():
-        return ds.map(encode, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
-                      remove_columns=ds.column_names, features=features, cache_file_name=str(arrow_file),
-                      new_fingerprint=fingerprint, desc=None)
+BATCH_DOCUMENTS = 256  # documents encoded per call of the tokenizer's encode_batch
 
 
-@contextlib.contextmanager
-def _spawned_workers():
-    """Make datasets' worker pool start processes by spawn, not fork: a child forked from a
-    process whose JAX runtime threads are running can deadlock."""
-    import multiprocess
-
-    previous = multiprocess.get_start_method(allow_none=True)
-    multiprocess.set_start_method("spawn", force=True)
-    try:
-        yield
-    finally:
-        multiprocess.set_start_method(previous, force=True)
+def _encode(tokenizer: Tokenizer, texts: list) -> tuple[list[np.ndarray], np.ndarray]:
+    """A batch of texts → (int32 ids of each, int64 UTF-8 bytes of each); None is an empty document."""
+    texts = [t or "" for t in texts]
+    return ([np.asarray(ids, np.int32) for ids in tokenizer.encode_batch(texts)],
+            np.array([len(t.encode("utf-8")) for t in texts], np.int64))
 
 
-def _record_batches(tokenized):
-    """The tokenized split's Arrow record batches in order, read from its cache files one at a
-    time (not memory-mapped: pages of a mapped file would stay resident as the pass goes on)."""
-    import pyarrow as pa
+_worker_tokenizer: Tokenizer | None = None
 
-    files = [f["filename"] for f in tokenized.cache_files]
-    if not files:  # an in-memory dataset
-        yield from tokenized.data.table.to_batches()
+
+def _start_worker(tokenizer: Tokenizer) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def _encode_in_worker(texts: list):
+    return _encode(_worker_tokenizer, texts)
+
+
+def _tokenize(ds, tokenizer: Tokenizer, num_proc: int):
+    """The encoded batches of `ds` in order, as `_encode` gives them.
+
+    num_proc > 1 encodes in that many worker processes, started by spawn, not fork (a child
+    forked from a process whose JAX runtime threads are running can deadlock), with at most
+    two batches per worker in flight: memory stays bounded whatever the corpus size.
+    """
+    batches = (b["text"] for b in ds.iter(batch_size=BATCH_DOCUMENTS))
+    if num_proc <= 1:
+        for texts in batches:
+            yield _encode(tokenizer, texts)
         return
-    for name in files:
-        with pa.OSFile(name) as f, pa.ipc.open_stream(f) as reader:
-            yield from reader
+    import collections
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(num_proc, _start_worker, (tokenizer,)) as pool:
+        pending = collections.deque()
+        for texts in batches:
+            pending.append(pool.apply_async(_encode_in_worker, (texts,)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
-def _write_npy_header(f, dtype: np.dtype, length: int) -> None:
+def _pack(batches, eot_id: int, vocab_size: int, out_dir: Path) -> int:
+    """Append each encoded batch's documents, each followed by EOT, to tokens.npy (empty
+    documents take no room); write doc_starts.npy and doc_bytes.npy; return the token count.
+
+    One sequential pass: only the batch being written and 16 bytes per document are held.
+    """
     from numpy.lib import format as npy
 
-    npy.write_array_header_1_0(f, {"descr": npy.dtype_to_descr(dtype), "fortran_order": False, "shape": (length,)})
-
-
-def _pack(tokenized, eot_id: int, vocab_size: int, out_dir: Path) -> int:
-    """Write the packed arrays of a tokenized split; return its token count.
-
-    One pass over the ragged ids, one Arrow record batch at a time, appending each batch's
-    documents (each followed by EOT) to tokens.npy: memory stays bounded by a batch, whatever
-    the size of the corpus.
-    """
-    import pyarrow.compute as pc
-
-    table = tokenized.data.table
-    lengths = pc.list_value_length(table.column("ids")).to_numpy().astype(np.int64)  # reads only the offsets
-    kept = lengths > 0
-    # Document i starts at starts[i]; an empty document takes no room (not even an EOT).
-    starts = np.concatenate([[0], np.cumsum(np.where(kept, lengths + 1, 0))])
-    total = int(starts[-1])
     dtype = token_dtype(vocab_size)
-    written = 0
+    lengths, n_bytes = [], []
     with open(out_dir / "tokens.npy", "wb") as f:
-        _write_npy_header(f, dtype, total)
-        for batch in _record_batches(tokenized):
-            ids = batch.column(batch.schema.get_field_index("ids"))
-            lens = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
-            flat = pc.list_flatten(ids).to_numpy(zero_copy_only=False)
-            out = np.insert(flat, np.cumsum(lens)[lens > 0], eot_id).astype(dtype)  # an EOT after each document
-            f.write(out.tobytes())
-            written += len(out)
-    if written != total:
-        raise RuntimeError(f"packed {written} tokens where the offsets promised {total}")
-    np.save(out_dir / "doc_starts.npy", np.append(starts[:-1][kept], total).astype(np.int64))
-    np.save(out_dir / "doc_bytes.npy", table.column("n_bytes").to_numpy()[kept].astype(np.int64))
+        # Written again at the end with the real length; numpy pads the header so that it keeps its size.
+        npy.write_array_header_1_0(f, {"descr": npy.dtype_to_descr(dtype), "fortran_order": False, "shape": (0,)})
+        header_size = f.tell()
+        for ids, doc_bytes in batches:
+            lens = np.array([len(x) for x in ids], np.int64)
+            if lens.sum():
+                flat = np.concatenate(ids)
+                f.write(np.insert(flat, np.cumsum(lens)[lens > 0], eot_id).astype(dtype).tobytes())
+            lengths.append(lens)
+            n_bytes.append(doc_bytes)
+        lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+        kept = lengths > 0
+        total = int(lengths[kept].sum() + kept.sum())
+        f.seek(0)
+        npy.write_array_header_1_0(f, {"descr": npy.dtype_to_descr(dtype), "fortran_order": False, "shape": (total,)})
+        if f.tell() != header_size:
+            raise RuntimeError("the .npy header changed size when its length was written")
+    starts = np.concatenate([[0], np.cumsum(lengths[kept] + 1)]).astype(np.int64)
+    np.save(out_dir / "doc_starts.npy", starts)
+    np.save(out_dir / "doc_bytes.npy", np.concatenate(n_bytes)[kept] if n_bytes else np.zeros(0, np.int64))
     return total
 
 
@@ -194,11 +191,7 @@ def publish(tmp: Path, directory: Path, marker: str = "meta.json") -> None:
 def _build(directory: Path, name: str, ds, tokenizer: Tokenizer, data_cfg) -> int:
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
-        tokenized = _tokenize(ds, tokenizer, data_cfg.num_proc, tmp / "ids.arrow", directory.name)
-        total = _pack(tokenized, tokenizer.eot_id, tokenizer.vocab_size, tmp)
-        del tokenized
-        for f in tmp.glob("*.arrow"):  # the intermediate ragged ids (one file per process)
-            f.unlink()
+        total = _pack(_tokenize(ds, tokenizer, data_cfg.num_proc), tokenizer.eot_id, tokenizer.vocab_size, tmp)
         if total == 0:
             raise UserError(f"the {SPLIT_NAMES.get(name, name)} split has no text: its {len(ds)} document(s) are all empty; "
                             "check data.paths, data.heldout_paths and data.text_field")
