@@ -259,13 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--log-x", action="store_true", help="logarithmic x axis")
     pl.add_argument("--out", help="PNG to write (default RUN_DIR/loss.png for one run, ./loss.png for several)")
 
-    pn = sub.add_parser("plan", help="compile the train step ahead of time on simulated devices: memory per device, "
-                        "FLOPs, shardings, and which devices it fits",
-                        description="Extra --config.KEY=VALUE arguments override the experiment's config.")
-    pn.add_argument("experiment", help="experiments/NAME.py")
-    pn.add_argument("--devices", type=int, default=0, help="simulated devices (default: the config's mesh, -1 as 1)")
-    pn.add_argument("--device", default="", help="exit 2 unless the step fits one of these, e.g. H100-80G, TPU-v5e")
-    pn.add_argument("--json", default="", help="also write the figures to this JSON file")
+    pn = sub.add_parser("plan", help="compile the train step ahead of time: memory per device, FLOPs, shardings, "
+                        "and which devices it fits", description="Extra --config.KEY=VALUE arguments override the "
+                        "experiment's config.")
+    from lmjax.plan import add_arguments as plan_arguments
+
+    plan_arguments(pn)
 
     r = sub.add_parser("runs", help="table of the runs under a directory: steps, best held-out loss, tokens, time")
     r.add_argument("dir", nargs="?", default="runs")
@@ -275,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_plan(args, overrides) -> int:
     from lmjax.plan import run_plan
 
-    return run_plan(args.experiment, overrides, args.devices, args.device, args.json)
+    return run_plan(args.experiment, overrides, args.devices, args.device, args.json, args.compiler)
 
 
 COMMANDS = {"plan": cmd_plan, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "import-hf": cmd_import_hf,

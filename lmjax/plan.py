@@ -32,15 +32,66 @@ GiB = 2**30
 # by default: 75% on a GPU (XLA_PYTHON_CLIENT_MEM_FRACTION changes it), nearly all on a TPU.
 # A TPU v4 or v5p chip is one JAX device (megacore); v5e and v6e have one core per chip.
 DEVICE_MEMORY: dict[str, tuple[int, float]] = {
-    "A100-40G": (40_960 * 2**20, 0.75),
-    "A100-80G": (81_920 * 2**20, 0.75),
-    "H100-80G": (81_559 * 2**20, 0.75),
-    "H200-141G": (143_771 * 2**20, 0.75),
+    "A100-40G": (42_331_013_120, 0.75),
+    "A100-80G": (85_100_068_864, 0.75),
+    "H100-80G": (84_942_979_072, 0.75),
+    "H200-141G": (151_397_597_184, 0.75),
     "TPU-v4": (32 * GiB, 1.0),
     "TPU-v5e": (16 * GiB, 1.0),
     "TPU-v5p": (95 * GiB, 1.0),
     "TPU-v6e": (32 * GiB, 1.0),
 }
+
+# What XLA's GPU compiler needs to know of a device to compile for it without one, from XLA's
+# own device specs (xla/backends/gpu/target_config/specs): compute capability major, SMs,
+# shared memory per SM and per block (opt-in), L2 bytes, clock GHz, memory bandwidth B/s, name.
+GPU_SPECS: dict[str, tuple] = {
+    "A100-40G": (8, 108, 167_936, 166_912, 41_943_040, 1.41, 1_555_200_000_000, "NVIDIA A100-SXM4-40GB"),
+    "A100-80G": (8, 108, 167_936, 166_912, 41_943_040, 1.41, 2_039_040_000_000, "NVIDIA A100-SXM4-80GB"),
+    "H100-80G": (9, 132, 233_472, 232_448, 52_428_800, 1.98, 3_352_320_000_000, "NVIDIA H100 80GB HBM3"),
+    "H200-141G": (9, 132, 233_472, 232_448, 52_428_800, 1.98, 4_800_000_000_000, "NVIDIA H200 141GB HBM3e"),
+}
+
+
+def gpu_target_config(name: str) -> str:
+    """stream_executor.GpuTargetConfigProto (text format) of the GPU `name` of GPU_SPECS."""
+    major, sms, smem_core, smem_optin, l2, clock, bandwidth, full_name = GPU_SPECS[name]
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: {smem_core} shared_memory_per_block_optin: {smem_optin} threads_per_core_limit: 2048
+  core_count: {sms} fpus_per_core: {64 if major == 8 else 128} memory_bandwidth: {bandwidth} l2_cache_size: {l2}
+  clock_rate_ghz: {clock} device_memory_size: {DEVICE_MEMORY[name][0]}
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  thread_dim_limit_x: 1024 thread_dim_limit_y: 1024 thread_dim_limit_z: 64
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+  cuda_compute_capability {{ major: {major} }}
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+device_description_str: "{full_name}"
+"""
+
+
+def cuda_plugin_installed() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)
+               if importlib.util.find_spec("jax_plugins"))
+
+
+def gpu_devices(name: str, count: int) -> list:
+    """`count` compile-only devices of the GPU `name` (deviceless AOT through the CUDA plugin)."""
+    import jax
+    from jax.experimental import topologies
+
+    try:
+        topology = topologies.get_topology_desc("lmjax", "cuda", target_config=gpu_target_config(name),
+                                                topology=f"1x1x{count}")
+    except (jax.errors.JaxRuntimeError, NotImplementedError, RuntimeError) as e:
+        raise UserError(f"compiling for a {name} without one failed ({str(e).splitlines()[0]}); "
+                        "plan on simulated CPU devices with --compiler cpu") from None
+    return list(topology.devices)
+
 
 # build_tokenizer's vocabulary for tokenizer.kind='bpe' with tokenizer.vocab_size=0.
 DEFAULT_BPE_VOCAB = 4096
@@ -65,6 +116,7 @@ class Plan:
     experiment: str
     devices: int
     platform: str
+    device_kind: str
     mesh: str
     model: str
     n_params: int
@@ -178,7 +230,9 @@ def make_plan(cfg, experiment: str = "", devices=None, largest: int = 6) -> Plan
     batch = _abstract_batch(cfg, parallel)
     step = parallel.compile_step(partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum,
                                          on_nan=cfg.train.on_nan), run.shardings)
-    compiled = step.lower(state, batch).compile()
+    # Without a GPU to autotune on, XLA can fail to tile small matmuls for Triton; cuBLAS needs no tiling.
+    options = {"xla_gpu_enable_triton_gemm": False} if parallel.mesh.devices.flat[0].platform == "gpu" else None
+    compiled = step.lower(state, batch).compile(compiler_options=options)
     memory = compiled.memory_analysis()
     params = _tree_bytes(state.params)
     opt = _tree_bytes(state.opt_state)
@@ -188,6 +242,7 @@ def make_plan(cfg, experiment: str = "", devices=None, largest: int = 6) -> Plan
     peak = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes + memory.temp_size_in_bytes
     return Plan(
         experiment=experiment, devices=parallel.n_devices, platform=parallel.mesh.devices.flat[0].platform,
+        device_kind=parallel.mesh.devices.flat[0].device_kind,
         mesh=parallel.describe(), model=cfg.model.kind, n_params=count_params(state.params),
         vocab_size=vocab_size, vocab_source=vocab_source, tokens_per_step=tokens,
         params_bytes=params, opt_state_bytes=opt, other_state_bytes=everything - params - opt,
@@ -209,7 +264,8 @@ def format_plan(p: Plan, cfg) -> str:
         f"{p.mesh}; step of {cfg.train.batch_size} x {cfg.data.seq_len} = {p.tokens_per_step:,} tokens "
         f"({cfg.train.grad_accum} micro-batch{'es' if cfg.train.grad_accum > 1 else ''} of {micro}), "
         f"model.dtype={cfg.model.dtype}, model.remat={cfg.model.remat}",
-        f"compiled ahead of time by XLA for {p.platform}; nothing was run",
+        f"compiled ahead of time by XLA's {p.platform.upper()} compiler for {p.device_kind}; nothing was run"
+        + ("" if p.platform == "gpu" else " (temporaries: see the README on how a GPU's differ)"),
         "per device:",
         f"  parameters        {_size(p.params_bytes)}",
         f"  optimizer state   {_size(p.opt_state_bytes)}",
@@ -271,10 +327,13 @@ def simulated_env(devices: int, environ=None) -> dict:
     return env
 
 
-def run_plan(experiment: str, overrides, devices: int = 0, device: str = "", json_out: str = "") -> int:
-    """`lmjax plan`: load the config, compile on simulated devices, print the plan.
+def run_plan(experiment: str, overrides, devices: int = 0, device: str = "", json_out: str = "",
+             compiler: str = "auto") -> int:
+    """`lmjax plan`: load the config, compile the step ahead of time, print the plan.
 
-    JAX fixes its device count when it starts, so a process where JAX has already started
+    compiler 'gpu' (or 'auto' when `device` names an NVIDIA GPU and the CUDA plugin is
+    installed) compiles for that GPU without one; 'cpu' compiles for simulated CPU devices.
+    JAX fixes its CPU device count when it starts, so a process where JAX has already started
     (a test calling the CLI) plans in a child process.
     """
     from lmjax import config as config_lib
@@ -283,6 +342,9 @@ def run_plan(experiment: str, overrides, devices: int = 0, device: str = "", jso
     name = device_name(device) if device else ""
     if devices < 0:
         raise UserError(f"--devices {devices} must be positive")
+    if compiler == "gpu" and name not in GPU_SPECS:
+        raise UserError(f"--compiler gpu needs --device naming one of {', '.join(GPU_SPECS)}")
+    gpu = compiler == "gpu" or (compiler == "auto" and name in GPU_SPECS and cuda_plugin_installed())
     n = devices or default_devices(cfg.parallel)
     env = simulated_env(n)
     ready = all(os.environ.get(k) == env[k] for k in ("XLA_FLAGS", "JAX_PLATFORMS"))
@@ -290,9 +352,10 @@ def run_plan(experiment: str, overrides, devices: int = 0, device: str = "", jso
         argv = [sys.executable, "-m", "lmjax.plan", experiment, "--devices", str(n), *overrides]
         argv += ["--device", name] if name else []
         argv += ["--json", json_out] if json_out else []
+        argv += ["--compiler", "gpu" if gpu else "cpu"]
         return subprocess.run(argv, env=env).returncode
     os.environ.update(env)
-    p = make_plan(cfg, experiment)
+    p = make_plan(cfg, experiment, gpu_devices(name, n) if gpu else None)
     print(format_plan(p, cfg), flush=True)
     if json_out:
         Path(json_out).write_text(json.dumps(asdict(p), indent=2))
@@ -301,16 +364,25 @@ def run_plan(experiment: str, overrides, devices: int = 0, device: str = "", jso
     return 0
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `lmjax plan` (the command line's and `python -m lmjax.plan`'s)."""
+    parser.add_argument("experiment", help="experiments/NAME.py")
+    parser.add_argument("--devices", type=int, default=0, help="devices to plan for (default: the config's mesh, "
+                        "an axis of -1 counting as 1)")
+    parser.add_argument("--device", default="", help=f"exit 2 unless the step fits one of these: {', '.join(DEVICE_MEMORY)}")
+    parser.add_argument("--compiler", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="auto: for the --device GPU when the CUDA plugin is installed (no GPU needed), "
+                        "else for simulated CPU devices")
+    parser.add_argument("--json", default="", help="also write the figures to this JSON file")
+
+
 def main(argv=None) -> int:
-    """`python -m lmjax.plan EXPERIMENT --devices N [--device NAME] [--config.KEY=VALUE ...]`."""
+    """`python -m lmjax.plan EXPERIMENT [--devices N] [--device NAME] [--config.KEY=VALUE ...]`."""
     parser = argparse.ArgumentParser(prog="lmjax plan")
-    parser.add_argument("experiment")
-    parser.add_argument("--devices", type=int, default=0)
-    parser.add_argument("--device", default="")
-    parser.add_argument("--json", default="")
+    add_arguments(parser)
     args, overrides = parser.parse_known_args(argv)
     try:
-        return run_plan(args.experiment, overrides, args.devices, args.device, args.json)
+        return run_plan(args.experiment, overrides, args.devices, args.device, args.json, args.compiler)
     except UserError as e:
         print(f"lmjax: error: {e}", file=sys.stderr)
         return 2

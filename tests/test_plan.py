@@ -24,7 +24,7 @@ SHAPE = [f"--config.model.vocab_size={V}", f"--config.model.d_model={D}", f"--co
 
 
 def plan_cli(*args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, "-m", "lmjax.cli", "plan", *args], capture_output=True, text=True, env=env,
                           timeout=600)
 
@@ -68,7 +68,7 @@ def test_device_names_and_fit():
     assert device_name("h100") == "H100-80G" and device_name("tpu v5e") == "TPU-v5e"
     with pytest.raises(UserError, match="choose one of"):
         device_name("rtx 9090")
-    plan = Plan("x", 1, "cpu", "", "transformer", 0, 0, "", 0, 0, 0, 0, 0, 0, int(20 * GiB), None)
+    plan = Plan("x", 1, "cpu", "cpu", "", "transformer", 0, 0, "", 0, 0, 0, 0, 0, 0, int(20 * GiB), None)
     check_device(plan, "TPU-v5p")
     with pytest.raises(UserError, match="TPU-v5e"):
         check_device(plan, "TPU-v5e")
@@ -92,3 +92,16 @@ def test_vocabulary_without_data():
         vocab_size_without_data(c)
     c.model.vocab_size = 300
     assert vocab_size_without_data(c) == (300, "model.vocab_size")
+
+
+@pytest.mark.skipif(not __import__("lmjax.plan").plan.cuda_plugin_installed(),
+                    reason="needs the CUDA plugin (jax-cuda12-plugin); no GPU needed")
+def test_compiles_for_a_gpu_without_one(tmp_path):
+    out = tmp_path / "plan.json"
+    r = plan_cli(TINY, "--device", "H100-80G", "--devices", "2", *SHAPE, "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    p = json.loads(out.read_text())
+    assert p["platform"] == "gpu" and p["device_kind"] == "NVIDIA H100 80GB HBM3" and p["devices"] == 2
+    matrices, vectors = V * D + L * (4 * D * D + 2 * D * F), L * 2 * D + D
+    assert p["params_bytes"] == 4 * (matrices + vectors)  # data parallel: a full copy per device
+    assert "XLA's GPU compiler" in r.stdout
