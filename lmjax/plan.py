@@ -233,20 +233,20 @@ def make_plan(cfg, experiment: str = "", devices=None, largest: int = 6) -> Plan
     # Without a GPU to autotune on, XLA can fail to tile small matmuls for Triton; cuBLAS needs no tiling.
     options = {"xla_gpu_enable_triton_gemm": False} if parallel.mesh.devices.flat[0].platform == "gpu" else None
     compiled = step.lower(state, batch).compile(compiler_options=options)
-    memory = compiled.memory_analysis()
     params = _tree_bytes(state.params)
     opt = _tree_bytes(state.opt_state)
     everything = _tree_bytes(state)
     tokens = cfg.train.batch_size * cfg.data.seq_len
     per_token = flops_per_token(getattr(run.model, "cfg", None), cfg.data.seq_len)
-    peak = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes + memory.temp_size_in_bytes
+    m = compiled.memory_analysis()
+    peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
     return Plan(
         experiment=experiment, devices=parallel.n_devices, platform=parallel.mesh.devices.flat[0].platform,
         device_kind=parallel.mesh.devices.flat[0].device_kind,
         mesh=parallel.describe(), model=cfg.model.kind, n_params=count_params(state.params),
         vocab_size=vocab_size, vocab_source=vocab_source, tokens_per_step=tokens,
         params_bytes=params, opt_state_bytes=opt, other_state_bytes=everything - params - opt,
-        batch_bytes=_tree_bytes(batch), temp_bytes=int(memory.temp_size_in_bytes), peak_bytes=int(peak),
+        batch_bytes=_tree_bytes(batch), temp_bytes=int(m.temp_size_in_bytes), peak_bytes=int(peak),
         flops_per_step=per_token * tokens if per_token else None,
         largest=_largest(state, largest))
 
@@ -260,10 +260,11 @@ def _size(n: float) -> str:
 def format_plan(p: Plan, cfg) -> str:
     micro = cfg.train.batch_size // cfg.train.grad_accum
     lines = [
-        f"plan for {p.experiment}: {p.model}, {p.n_params:,} parameters, vocabulary {p.vocab_size:,} ({p.vocab_source})",
-        f"{p.mesh}; step of {cfg.train.batch_size} x {cfg.data.seq_len} = {p.tokens_per_step:,} tokens "
-        f"({cfg.train.grad_accum} micro-batch{'es' if cfg.train.grad_accum > 1 else ''} of {micro}), "
-        f"model.dtype={cfg.model.dtype}, model.remat={cfg.model.remat}",
+        (f"plan for {p.experiment}: {p.model}, {p.n_params:,} parameters, "
+         f"vocabulary {p.vocab_size:,} ({p.vocab_source})"),
+        (f"{p.mesh}; step of {cfg.train.batch_size} x {cfg.data.seq_len} = {p.tokens_per_step:,} tokens "
+         f"({cfg.train.grad_accum} micro-batch{'es' if cfg.train.grad_accum > 1 else ''} of {micro}), "
+         f"model.dtype={cfg.model.dtype}, model.remat={cfg.model.remat}"),
         f"compiled ahead of time by XLA's {p.platform.upper()} compiler for {p.device_kind}; nothing was run"
         + ("" if p.platform == "gpu" else " (temporaries: see the README on how a GPU's differ)"),
         "per device:",
@@ -280,8 +281,8 @@ def format_plan(p: Plan, cfg) -> str:
         lines.append("model FLOPs per step  not counted for this model kind")
     lines.append("largest arrays of the train state (global shape, sharding, one device's share):")
     for a in p.largest:
-        lines.append(f"  {a.name:40} {str(list(a.shape)):16} {a.dtype:8} {a.spec:28} "
-                     f"{str(list(a.device_shape)):16} {_size(a.device_bytes).strip()}")
+        lines.append(f"  {a.name:40} {list(a.shape)!s:16} {a.dtype:8} {a.spec:28} "
+                     f"{list(a.device_shape)!s:16} {_size(a.device_bytes).strip()}")
     lines.append("fits one device of (by the peak above; GPUs: JAX's default 75% share unless "
                  "XLA_PYTHON_CLIENT_MEM_FRACTION is set):")
     for name in DEVICE_MEMORY:
@@ -353,7 +354,7 @@ def run_plan(experiment: str, overrides, devices: int = 0, device: str = "", jso
         argv += ["--device", name] if name else []
         argv += ["--json", json_out] if json_out else []
         argv += ["--compiler", "gpu" if gpu else "cpu"]
-        return subprocess.run(argv, env=env).returncode
+        return subprocess.run(argv, env=env, check=False).returncode
     os.environ.update(env)
     p = make_plan(cfg, experiment, gpu_devices(name, n) if gpu else None)
     print(format_plan(p, cfg), flush=True)
@@ -369,7 +370,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", help="experiments/NAME.py")
     parser.add_argument("--devices", type=int, default=0, help="devices to plan for (default: the config's mesh, "
                         "an axis of -1 counting as 1)")
-    parser.add_argument("--device", default="", help=f"exit 2 unless the step fits one of these: {', '.join(DEVICE_MEMORY)}")
+    parser.add_argument("--device", default="",
+                        help=f"exit 2 unless the step fits one of these: {', '.join(DEVICE_MEMORY)}")
     parser.add_argument("--compiler", choices=("auto", "cpu", "gpu"), default="auto",
                         help="auto: for the --device GPU when the CUDA plugin is installed (no GPU needed), "
                         "else for simulated CPU devices")

@@ -105,11 +105,11 @@ def worker(spec: dict) -> dict:
     rss_before = peak_rss()
     t0 = time.perf_counter()
     if spec["side"] == "library":
-        threads = spec["procs"]
-        if tok.kind == "tiktoken":
-            encode = partial(tok.enc.encode_ordinary_batch, num_threads=threads)
-        else:  # RAYON_NUM_THREADS (set by the caller) gives HF its threads
-            encode = lambda texts: [e.ids for e in tok.tok.encode_batch_fast(texts)]  # noqa: E731
+        def encode(texts):  # HF's threads: RAYON_NUM_THREADS, set by the caller
+            if tok.kind == "tiktoken":
+                return tok.enc.encode_ordinary_batch(texts, num_threads=spec["procs"])
+            return [e.ids for e in tok.tok.encode_batch_fast(texts)]
+
         tokens = sum(len(ids) for batch in ds.iter(batch_size=256) for ids in encode(batch["text"]))
     else:
         from lmjax.data.cache import build_or_load
@@ -173,7 +173,8 @@ def bench_pack(texts: list[str], bpe_train_mb: float, rounds: int, rss_mb: float
                                    "tokenizer": str(tmp / kind), "cache_dir": str(tmp / f"cache{kind}{procs}{r}")})
                     best[side] = max(best[side], mb / got["seconds"])
                     if side == "lmjax":
-                        rss = f"{got['rss_peak'] / 2**20:.0f} MiB (+{(got['rss_peak'] - got['rss_before']) / 2**20:.0f})"
+                        added = (got["rss_peak"] - got["rss_before"]) / 2**20
+                        rss = f"{got['rss_peak'] / 2**20:.0f} MiB (+{added:.0f})"
             rates[kind, procs] = best
             print(f"  {kind:10}{procs:>6}{best['library']:>10.2f}{best['lmjax']:>9.2f}"
                   f"{best['library'] / best['lmjax']:>15.2f}{rss:>27}")

@@ -12,7 +12,15 @@ import pytest
 from ml_collections import ConfigDict
 
 from lmjax.errors import UserError
-from lmjax.plan import DEVICE_MEMORY, GiB, Plan, check_device, default_devices, device_name, vocab_size_without_data
+from lmjax.plan import (
+    DEVICE_MEMORY,
+    GiB,
+    Plan,
+    check_device,
+    default_devices,
+    device_name,
+    vocab_size_without_data,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "experiments" / "tiny.py")
@@ -26,7 +34,7 @@ SHAPE = [f"--config.model.vocab_size={V}", f"--config.model.d_model={D}", f"--co
 def plan_cli(*args):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, "-m", "lmjax.cli", "plan", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+                          timeout=600, check=False)
 
 
 @pytest.mark.parametrize("fsdp", [1, 8])
