@@ -93,43 +93,69 @@ def write_tiktoken_like(bpe, path: Path) -> Path:
 def worker(spec: dict) -> dict:
     """One measurement (in its own process): 'library' encodes batches with the tokenizer
     library itself; 'lmjax' builds the token cache (build_or_load) with data.num_proc."""
-    import resource
-
     import datasets
-    from ml_collections import ConfigDict
 
     from lmjax.data.tokenizers import load_tokenizer
 
     ds = datasets.load_from_disk(spec["dataset"])
     tok = load_tokenizer(spec["tokenizer"])
-    rss_before = peak_rss()
-    t0 = time.perf_counter()
+    with PeakRSS() as memory:
+        t0 = time.perf_counter()
+        tokens = encode_or_build(spec, ds, tok)
+        seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "tokens": tokens, "rss_before": memory.before, "rss_peak": memory.peak}
+
+
+def encode_or_build(spec: dict, ds, tok) -> int:
+    """The token count of `ds`, encoded by the library alone or built into lmjax's cache."""
+    from ml_collections import ConfigDict
+
     if spec["side"] == "library":
         def encode(texts):  # HF's threads: RAYON_NUM_THREADS, set by the caller
             if tok.kind == "tiktoken":
                 return tok.enc.encode_ordinary_batch(texts, num_threads=spec["procs"])
             return [e.ids for e in tok.tok.encode_batch_fast(texts)]
 
-        tokens = sum(len(ids) for batch in ds.iter(batch_size=256) for ids in encode(batch["text"]))
-    else:
-        from lmjax.data.cache import build_or_load
+        return sum(len(ids) for batch in ds.iter(batch_size=256) for ids in encode(batch["text"]))
+    from lmjax.data.cache import build_or_load
 
-        cfg = ConfigDict({"cache_dir": spec["cache_dir"], "num_proc": spec["procs"]})
-        tokens = len(build_or_load({"train": ds}, tok, cfg, log=lambda *_: None)["train"].tokens)
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "tokens": tokens, "rss_before": rss_before, "rss_peak": peak_rss(),
-            "rss_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
+    cfg = ConfigDict({"cache_dir": spec["cache_dir"], "num_proc": spec["procs"]})
+    return len(build_or_load({"train": ds}, tok, cfg, log=lambda *_: None)["train"].tokens)
 
 
-def peak_rss() -> int:
-    """This process's peak resident memory in bytes (VmHWM: unlike ru_maxrss, it does not
-    start from the parent's size at fork)."""
+def rss() -> dict[str, int]:
+    """This process's resident memory in bytes: 'anon' (heap: what it holds itself) and 'file'
+    (pages of memory-mapped files, such as the dataset being read: the kernel drops them when
+    memory is short)."""
+    fields = {"RssAnon:": "anon", "RssFile:": "file"}
+    out = {}
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    import resource
+        key = line.split(":")[0] + ":"
+        if key in fields:
+            out[fields[key]] = int(line.split()[1]) * 1024
+    return out
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+class PeakRSS:
+    """The peaks of `rss()` while the `with` block runs, sampled every 10 ms in a thread."""
+
+    def __enter__(self):
+        import threading
+
+        self.before, self.peak = rss(), rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.01):
+            now = rss()
+            self.peak = {k: max(v, now[k]) for k, v in self.peak.items()}
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
 
 
 def measure(spec: dict) -> dict:
@@ -161,7 +187,7 @@ def bench_pack(texts: list[str], bpe_train_mb: float, rounds: int, rss_mb: float
           f"BPE of 4096 ids (HF tokenizers) and the same merges in tiktoken (ids identical in {same} of "
           f"{len(texts)} documents); MB/s, best of {rounds} alternating rounds:")
     print(f"  {'tokenizer':10}{'cores':>6}{'library':>10}{'lmjax':>9}{'library/lmjax':>15}"
-          f"{'lmjax peak RSS (+ build)':>27}")  # the main process; workers hold a batch each
+          f"{'lmjax peak heap (+ build)':>27}")  # the main process; workers hold a batch each
     rates = {}
     for procs in (1, 2):
         for kind in ("bpe", "tiktoken"):
@@ -173,11 +199,15 @@ def bench_pack(texts: list[str], bpe_train_mb: float, rounds: int, rss_mb: float
                                    "tokenizer": str(tmp / kind), "cache_dir": str(tmp / f"cache{kind}{procs}{r}")})
                     best[side] = max(best[side], mb / got["seconds"])
                     if side == "lmjax":
-                        added = (got["rss_peak"] - got["rss_before"]) / 2**20
-                        rss = f"{got['rss_peak'] / 2**20:.0f} MiB (+{added:.0f})"
+                        rss = f"{got['rss_peak']['anon'] / 2**20:.0f} MiB (+{held(got):.0f})"
             rates[kind, procs] = best
             print(f"  {kind:10}{procs:>6}{best['library']:>10.2f}{best['lmjax']:>9.2f}"
                   f"{best['library'] / best['lmjax']:>15.2f}{rss:>27}")
+    datasets.Dataset.from_dict({"text": texts[:1]}).save_to_disk(str(tmp / "one"))
+    start = min(measure({"side": "lmjax", "procs": 2, "dataset": str(tmp / "one"), "tokenizer": str(tmp / "bpe"),
+                         "cache_dir": str(tmp / f"cacheone{r}")})["seconds"] for r in range(rounds))
+    print(f"  data.num_proc=2 starts its worker processes in {start:.2f} s (a build of one document), a cost "
+          "paid once per split whatever its size")
     for procs in (1, 2):
         fastest = max(rates["bpe", procs]["library"], rates["tiktoken", procs]["library"])
         ratios = ", ".join(f"{k} {fastest / rates[k, procs]['lmjax']:.2f}x" for k in ("bpe", "tiktoken"))
@@ -191,8 +221,15 @@ def bench_pack(texts: list[str], bpe_train_mb: float, rounds: int, rss_mb: float
     got = measure({"side": "lmjax", "procs": 1, "dataset": str(tmp / "big"), "tokenizer": str(tmp / "byte"),
                    "cache_dir": str(tmp / "cachebig")})
     print(f"  memory: byte tokenizer on {mb * copies:.0f} MB ({copies} copies), {got['tokens'] * 2 / 2**20:.0f} MiB of "
-          f"tokens written: peak RSS {got['rss_peak'] / 2**20:.0f} MiB, of which the build added "
-          f"{(got['rss_peak'] - got['rss_before']) / 2**20:.0f} MiB; {mb * copies / got['seconds']:.1f} MB/s")
+          f"tokens written, {mb * copies / got['seconds']:.1f} MB/s: peak heap (anonymous RSS) "
+          f"{got['rss_peak']['anon'] / 2**20:.0f} MiB, of which the build added {held(got):.0f} MiB; peak file-backed "
+          f"RSS {got['rss_peak']['file'] / 2**20:.0f} MiB (pages of the memory-mapped dataset read, dropped by the "
+          "kernel when memory is short)")
+
+
+def held(measured: dict) -> float:
+    """MiB of heap a build added to what the process held before it."""
+    return (measured["rss_peak"]["anon"] - measured["rss_before"]["anon"]) / 2**20
 
 
 def bench_training(cfg, run_dir: Path, rounds: int, steps: int) -> None:
