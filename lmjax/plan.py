@@ -75,8 +75,11 @@ device_description_str: "{full_name}"
 def cuda_plugin_installed() -> bool:
     import importlib.util
 
-    return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)
-               if importlib.util.find_spec("jax_plugins"))
+    return any(
+        importlib.util.find_spec(f"jax_plugins.xla_cuda{v}")
+        for v in (12, 13)
+        if importlib.util.find_spec("jax_plugins")
+    )
 
 
 def gpu_devices(name: str, count: int) -> list:
@@ -85,11 +88,14 @@ def gpu_devices(name: str, count: int) -> list:
     from jax.experimental import topologies
 
     try:
-        topology = topologies.get_topology_desc("lmjax", "cuda", target_config=gpu_target_config(name),
-                                                topology=f"1x1x{count}")
+        topology = topologies.get_topology_desc(
+            "lmjax", "cuda", target_config=gpu_target_config(name), topology=f"1x1x{count}"
+        )
     except (jax.errors.JaxRuntimeError, NotImplementedError, RuntimeError) as e:
-        raise UserError(f"compiling for a {name} without one failed ({str(e).splitlines()[0]}); "
-                        "plan on simulated CPU devices with --compiler cpu") from None
+        raise UserError(
+            f"compiling for a {name} without one failed ({str(e).splitlines()[0]}); "
+            "plan on simulated CPU devices with --compiler cpu"
+        ) from None
     return list(topology.devices)
 
 
@@ -156,8 +162,10 @@ def vocab_size_without_data(cfg) -> tuple[int, str]:
         return build_tokenizer(tok, ()).vocab_size, f"{tok.kind} file {tok.path}"
     if tok.kind in ("char", "word") and tok.vocab_size:
         return tok.vocab_size, f"tokenizer.vocab_size cap of the {tok.kind} tokenizer"
-    raise UserError(f"the vocabulary of tokenizer.kind='{tok.kind}' with tokenizer.vocab_size=0 is known only after "
-                    "reading the corpus; set model.vocab_size (or tokenizer.vocab_size) to plan without data")
+    raise UserError(
+        f"the vocabulary of tokenizer.kind='{tok.kind}' with tokenizer.vocab_size=0 is known only after "
+        "reading the corpus; set model.vocab_size (or tokenizer.vocab_size) to plan without data"
+    )
 
 
 def _device_bytes(shape: tuple, dtype, sharding) -> tuple[tuple, int]:
@@ -184,8 +192,10 @@ def _abstract_batch(cfg, parallel) -> dict:
     t = cfg.data.seq_len
     one_doc = TokenSplit(np.zeros(t + 1, np.uint16), np.array([0, t + 1]), np.array([t + 1]))
     row = windows(one_doc, np.zeros(1, np.int64), t, cfg.data.document_mask)
-    return {k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape[1:]), v.dtype, sharding=parallel.batch_sharding)
-            for k, v in row.items()}
+    return {
+        k: jax.ShapeDtypeStruct((cfg.train.batch_size, *v.shape[1:]), v.dtype, sharding=parallel.batch_sharding)
+        for k, v in row.items()
+    }
 
 
 def _largest(state, count: int) -> list[ArrayPlan]:
@@ -196,17 +206,17 @@ def _largest(state, count: int) -> list[ArrayPlan]:
     out = []
     for path, x in leaves[:count]:
         device_shape, nbytes = _device_bytes(x.shape, x.dtype, x.sharding)
-        out.append(ArrayPlan(jax.tree_util.keystr(path, simple=True, separator="/"), tuple(x.shape), str(x.dtype),
-                             str(x.sharding.spec), device_shape, nbytes))
+        out.append(
+            ArrayPlan(
+                jax.tree_util.keystr(path, simple=True, separator="/"),
+                tuple(x.shape),
+                str(x.dtype),
+                str(x.sharding.spec),
+                device_shape,
+                nbytes,
+            )
+        )
     return out
-
-
-def _build_run(cfg, vocab_size: int, parallel):
-    try:
-        from lmjax.run import build_run
-    except ImportError:
-        from lmjax.train.loop import build_run
-    return build_run(cfg, Path(os.devnull), vocab_size, parallel)
 
 
 def make_plan(cfg, experiment: str = "", devices=None, largest: int = 6) -> Plan:
@@ -214,8 +224,8 @@ def make_plan(cfg, experiment: str = "", devices=None, largest: int = 6) -> Plan
     import jax
 
     from lmjax.flops import flops_per_token
-    from lmjax.train.loop import count_params
-    from lmjax.train.parallel import MeshParallel, check_batch
+    from lmjax.run import build_run, count_params
+    from lmjax.train.parallel import MeshParallel, check_batch, restore_target
     from lmjax.train.step import make_train_step
 
     vocab_size, vocab_source = vocab_size_without_data(cfg)
@@ -225,11 +235,13 @@ def make_plan(cfg, experiment: str = "", devices=None, largest: int = 6) -> Plan
     # pmap keeps a full copy per device, as the data-parallel mesh does: plan it as that mesh.
     parallel = MeshParallel(parallel_cfg, devices)
     check_batch(cfg.train.batch_size, cfg.train.grad_accum, parallel)
-    run = _build_run(cfg, vocab_size, parallel)
-    state = parallel.restore_target(run.abstract_state(), run.shardings)
+    run = build_run(cfg, Path(os.devnull), vocab_size, parallel)  # the run directory is never written
+    state = restore_target(run.abstract_state(), run.shardings)
     batch = _abstract_batch(cfg, parallel)
-    step = parallel.compile_step(partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum,
-                                         on_nan=cfg.train.on_nan), run.shardings)
+    step = parallel.compile_step(
+        partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum, on_nan=cfg.train.on_nan),
+        run.shardings,
+    )
     # Without a GPU to autotune on, XLA can fail to tile small matmuls for Triton; cuBLAS needs no tiling.
     options = {"xla_gpu_enable_triton_gemm": False} if parallel.mesh.devices.flat[0].platform == "gpu" else None
     compiled = step.lower(state, batch).compile(compiler_options=options)
@@ -241,14 +253,25 @@ def make_plan(cfg, experiment: str = "", devices=None, largest: int = 6) -> Plan
     m = compiled.memory_analysis()
     peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
     return Plan(
-        experiment=experiment, devices=parallel.n_devices, platform=parallel.mesh.devices.flat[0].platform,
+        experiment=experiment,
+        devices=parallel.n_devices,
+        platform=parallel.mesh.devices.flat[0].platform,
         device_kind=parallel.mesh.devices.flat[0].device_kind,
-        mesh=parallel.describe(), model=cfg.model.kind, n_params=count_params(state.params),
-        vocab_size=vocab_size, vocab_source=vocab_source, tokens_per_step=tokens,
-        params_bytes=params, opt_state_bytes=opt, other_state_bytes=everything - params - opt,
-        batch_bytes=_tree_bytes(batch), temp_bytes=int(m.temp_size_in_bytes), peak_bytes=int(peak),
+        mesh=parallel.describe(),
+        model=cfg.model.kind,
+        n_params=count_params(state.params),
+        vocab_size=vocab_size,
+        vocab_source=vocab_source,
+        tokens_per_step=tokens,
+        params_bytes=params,
+        opt_state_bytes=opt,
+        other_state_bytes=everything - params - opt,
+        batch_bytes=_tree_bytes(batch),
+        temp_bytes=int(m.temp_size_in_bytes),
+        peak_bytes=int(peak),
         flops_per_step=per_token * tokens if per_token else None,
-        largest=_largest(state, largest))
+        largest=_largest(state, largest),
+    )
 
 
 def _size(n: float) -> str:
@@ -260,11 +283,15 @@ def _size(n: float) -> str:
 def format_plan(p: Plan, cfg) -> str:
     micro = cfg.train.batch_size // cfg.train.grad_accum
     lines = [
-        (f"plan for {p.experiment}: {p.model}, {p.n_params:,} parameters, "
-         f"vocabulary {p.vocab_size:,} ({p.vocab_source})"),
-        (f"{p.mesh}; step of {cfg.train.batch_size} x {cfg.data.seq_len} = {p.tokens_per_step:,} tokens "
-         f"({cfg.train.grad_accum} micro-batch{'es' if cfg.train.grad_accum > 1 else ''} of {micro}), "
-         f"model.dtype={cfg.model.dtype}, model.remat={cfg.model.remat}"),
+        (
+            f"plan for {p.experiment}: {p.model}, {p.n_params:,} parameters, "
+            f"vocabulary {p.vocab_size:,} ({p.vocab_source})"
+        ),
+        (
+            f"{p.mesh}; step of {cfg.train.batch_size} x {cfg.data.seq_len} = {p.tokens_per_step:,} tokens "
+            f"({cfg.train.grad_accum} micro-batch{'es' if cfg.train.grad_accum > 1 else ''} of {micro}), "
+            f"model.dtype={cfg.model.dtype}, model.remat={cfg.model.remat}"
+        ),
         f"compiled ahead of time by XLA's {p.platform.upper()} compiler for {p.device_kind}; nothing was run"
         + ("" if p.platform == "gpu" else " (temporaries: see the README on how a GPU's differ)"),
         "per device:",
@@ -281,10 +308,14 @@ def format_plan(p: Plan, cfg) -> str:
         lines.append("model FLOPs per step  not counted for this model kind")
     lines.append("largest arrays of the train state (global shape, sharding, one device's share):")
     for a in p.largest:
-        lines.append(f"  {a.name:40} {list(a.shape)!s:16} {a.dtype:8} {a.spec:28} "
-                     f"{list(a.device_shape)!s:16} {_size(a.device_bytes).strip()}")
-    lines.append("fits one device of (by the peak above; GPUs: JAX's default 75% share unless "
-                 "XLA_PYTHON_CLIENT_MEM_FRACTION is set):")
+        lines.append(
+            f"  {a.name:40} {list(a.shape)!s:16} {a.dtype:8} {a.spec:28} "
+            f"{list(a.device_shape)!s:16} {_size(a.device_bytes).strip()}"
+        )
+    lines.append(
+        "fits one device of (by the peak above; GPUs: JAX's default 75% share unless "
+        "XLA_PYTHON_CLIENT_MEM_FRACTION is set):"
+    )
     for name in DEVICE_MEMORY:
         ok, usable = p.fits(name)
         lines.append(f"  {name:10} {'yes' if ok else 'no ':3}  usable {usable / GiB:6.1f} GiB")
@@ -295,13 +326,16 @@ def check_device(p: Plan, device_name: str) -> None:
     """UserError when the plan does not fit one device of `device_name`."""
     ok, usable = p.fits(device_name)
     if not ok:
-        raise UserError(f"the train step needs {p.peak_bytes / GiB:.2f} GiB per device but a {device_name} gives JAX "
-                        f"{usable / GiB:.1f} GiB; raise train.grad_accum, set model.remat='full', lower "
-                        "train.batch_size, or shard the state with parallel.fsdp")
+        raise UserError(
+            f"the train step needs {p.peak_bytes / GiB:.2f} GiB per device but a {device_name} gives JAX "
+            f"{usable / GiB:.1f} GiB; raise train.grad_accum, set model.remat='full', lower "
+            "train.batch_size, or shard the state with parallel.fsdp"
+        )
 
 
 def device_name(name: str) -> str:
     """The DEVICE_MEMORY key for `name`, matched without case or punctuation ('h100' is H100-80G)."""
+
     def norm(s):
         return "".join(ch for ch in s.lower() if ch.isalnum())
 
@@ -328,8 +362,9 @@ def simulated_env(devices: int, environ=None) -> dict:
     return env
 
 
-def run_plan(experiment: str, overrides, devices: int = 0, device: str = "", json_out: str = "",
-             compiler: str = "auto") -> int:
+def run_plan(
+    experiment: str, overrides, devices: int = 0, device: str = "", json_out: str = "", compiler: str = "auto"
+) -> int:
     """`lmjax plan`: load the config, compile the step ahead of time, print the plan.
 
     compiler 'gpu' (or 'auto' when `device` names an NVIDIA GPU and the CUDA plugin is
@@ -368,13 +403,22 @@ def run_plan(experiment: str, overrides, devices: int = 0, device: str = "", jso
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `lmjax plan` (the command line's and `python -m lmjax.plan`'s)."""
     parser.add_argument("experiment", help="experiments/NAME.py")
-    parser.add_argument("--devices", type=int, default=0, help="devices to plan for (default: the config's mesh, "
-                        "an axis of -1 counting as 1)")
-    parser.add_argument("--device", default="",
-                        help=f"exit 2 unless the step fits one of these: {', '.join(DEVICE_MEMORY)}")
-    parser.add_argument("--compiler", choices=("auto", "cpu", "gpu"), default="auto",
-                        help="auto: for the --device GPU when the CUDA plugin is installed (no GPU needed), "
-                        "else for simulated CPU devices")
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=0,
+        help="devices to plan for (default: the config's mesh, an axis of -1 counting as 1)",
+    )
+    parser.add_argument(
+        "--device", default="", help=f"exit 2 unless the step fits one of these: {', '.join(DEVICE_MEMORY)}"
+    )
+    parser.add_argument(
+        "--compiler",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="auto: for the --device GPU when the CUDA plugin is installed (no GPU needed), "
+        "else for simulated CPU devices",
+    )
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")
 
 

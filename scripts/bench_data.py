@@ -42,9 +42,8 @@ def read_stdlib(limit_mb: float) -> list[str]:
 
 
 def bench_tokenizers(texts: list[str], bpe_train_mb: float, tiktoken_path: str) -> None:
-    from ml_collections import ConfigDict
-
     from lmjax.data.tokenizers import build_tokenizer
+    from ml_collections import ConfigDict
 
     mb = sum(len(t.encode("utf-8")) for t in texts) / 2**20
     train_texts = read_stdlib(bpe_train_mb)
@@ -55,13 +54,14 @@ def bench_tokenizers(texts: list[str], bpe_train_mb: float, tiktoken_path: str) 
     print(f"  {'kind':9}{'vocab':>8}{'build s':>9}{'MB/s':>9}{'tokens/byte':>13}")
     for kind, vocab, path in kinds:
         t0 = time.perf_counter()
-        tok = build_tokenizer(ConfigDict({"kind": kind, "vocab_size": vocab, "path": path}),
-                              train_texts if kind == "bpe" else texts)
+        tok = build_tokenizer(
+            ConfigDict({"kind": kind, "vocab_size": vocab, "path": path}), train_texts if kind == "bpe" else texts
+        )
         built = time.perf_counter() - t0
         t0 = time.perf_counter()
         n_tokens = 0
         for i in range(0, len(texts), 256):  # the cache's datasets.map batch size
-            n_tokens += sum(len(ids) for ids in tok.encode_batch(texts[i:i + 256]))
+            n_tokens += sum(len(ids) for ids in tok.encode_batch(texts[i : i + 256]))
         seconds = time.perf_counter() - t0
         print(f"  {kind:9}{tok.vocab_size:>8}{built:>9.2f}{mb / seconds:>9.2f}{n_tokens / (mb * 2**20):>13.3f}")
 
@@ -70,6 +70,7 @@ def bench_tokenizers(texts: list[str], bpe_train_mb: float, tiktoken_path: str) 
 # Tokenize-and-pack (lmjax's token cache build) against the libraries' own batch encoding.
 # Each measurement runs in a fresh process (its own thread settings and peak RSS), on the same
 # memory-mapped dataset, read in batches of 256 documents by both sides.
+
 
 def gpt2_bytes_to_unicode() -> dict[int, str]:
     """The byte → character table of byte-level BPE (GPT-2's; HF's ByteLevel alphabet)."""
@@ -94,7 +95,6 @@ def worker(spec: dict) -> dict:
     """One measurement (in its own process): 'library' encodes batches with the tokenizer
     library itself; 'lmjax' builds the token cache (build_or_load) with data.num_proc."""
     import datasets
-
     from lmjax.data.tokenizers import load_tokenizer
 
     ds = datasets.load_from_disk(spec["dataset"])
@@ -111,6 +111,7 @@ def encode_or_build(spec: dict, ds, tok) -> int:
     from ml_collections import ConfigDict
 
     if spec["side"] == "library":
+
         def encode(texts):  # HF's threads: RAYON_NUM_THREADS, set by the caller
             if tok.kind == "tiktoken":
                 return tok.enc.encode_ordinary_batch(texts, num_threads=spec["procs"])
@@ -163,16 +164,20 @@ def measure(spec: dict) -> dict:
     import os
     import subprocess
 
-    env = {**os.environ, "RAYON_NUM_THREADS": str(spec["procs"] if spec["side"] == "library" else 1),
-           "TOKENIZERS_PARALLELISM": "true", "HF_DATASETS_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,
-                         text=True, check=True)
+    env = {
+        **os.environ,
+        "RAYON_NUM_THREADS": str(spec["procs"] if spec["side"] == "library" else 1),
+        "TOKENIZERS_PARALLELISM": "true",
+        "HF_DATASETS_OFFLINE": "1",
+    }
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def bench_pack(texts: list[str], bpe_train_mb: float, rounds: int, rss_mb: float, tmp: Path) -> None:
     import datasets
-
     from lmjax.data.tokenizers import ByteTokenizer, train_bpe
     from lmjax.data.vocab_tokenizers import TiktokenTokenizer
 
@@ -182,12 +187,16 @@ def bench_pack(texts: list[str], bpe_train_mb: float, rounds: int, rss_mb: float
     bpe.save(tmp / "bpe")
     tik = TiktokenTokenizer(write_tiktoken_like(bpe, tmp / "bpe.tiktoken"))
     tik.save(tmp / "tiktoken")
-    same = sum(list(a) == list(b) for a, b in zip(tik.encode_batch(texts), bpe.encode_batch(texts)))
-    print(f"tokenize-and-pack against the libraries' batch encoding, {mb:.1f} MB of standard library source, "
-          f"BPE of 4096 ids (HF tokenizers) and the same merges in tiktoken (ids identical in {same} of "
-          f"{len(texts)} documents); MB/s, best of {rounds} alternating rounds:")
-    print(f"  {'tokenizer':10}{'cores':>6}{'library':>10}{'lmjax':>9}{'library/lmjax':>15}"
-          f"{'lmjax peak heap (+ build)':>27}")  # the main process; workers hold a batch each
+    same = sum(list(a) == list(b) for a, b in zip(tik.encode_batch(texts), bpe.encode_batch(texts), strict=True))
+    print(
+        f"tokenize-and-pack against the libraries' batch encoding, {mb:.1f} MB of standard library source, "
+        f"BPE of 4096 ids (HF tokenizers) and the same merges in tiktoken (ids identical in {same} of "
+        f"{len(texts)} documents); MB/s, best of {rounds} alternating rounds:"
+    )
+    print(
+        f"  {'tokenizer':10}{'cores':>6}{'library':>10}{'lmjax':>9}{'library/lmjax':>15}"
+        f"{'lmjax peak heap (+ build)':>27}"
+    )  # the main process; workers hold a batch each
     rates = {}
     for procs in (1, 2):
         for kind in ("bpe", "tiktoken"):
@@ -195,19 +204,40 @@ def bench_pack(texts: list[str], bpe_train_mb: float, rounds: int, rss_mb: float
             rss = ""
             for r in range(rounds):
                 for side in ("library", "lmjax"):
-                    got = measure({"side": side, "procs": procs, "dataset": str(tmp / "corpus"),
-                                   "tokenizer": str(tmp / kind), "cache_dir": str(tmp / f"cache{kind}{procs}{r}")})
+                    got = measure(
+                        {
+                            "side": side,
+                            "procs": procs,
+                            "dataset": str(tmp / "corpus"),
+                            "tokenizer": str(tmp / kind),
+                            "cache_dir": str(tmp / f"cache{kind}{procs}{r}"),
+                        }
+                    )
                     best[side] = max(best[side], mb / got["seconds"])
                     if side == "lmjax":
                         rss = f"{got['rss_peak']['anon'] / 2**20:.0f} MiB (+{held(got):.0f})"
             rates[kind, procs] = best
-            print(f"  {kind:10}{procs:>6}{best['library']:>10.2f}{best['lmjax']:>9.2f}"
-                  f"{best['library'] / best['lmjax']:>15.2f}{rss:>27}")
+            print(
+                f"  {kind:10}{procs:>6}{best['library']:>10.2f}{best['lmjax']:>9.2f}"
+                f"{best['library'] / best['lmjax']:>15.2f}{rss:>27}"
+            )
     datasets.Dataset.from_dict({"text": texts[:1]}).save_to_disk(str(tmp / "one"))
-    start = min(measure({"side": "lmjax", "procs": 2, "dataset": str(tmp / "one"), "tokenizer": str(tmp / "bpe"),
-                         "cache_dir": str(tmp / f"cacheone{r}")})["seconds"] for r in range(rounds))
-    print(f"  data.num_proc=2 starts its worker processes in {start:.2f} s (a build of one document), a cost "
-          "paid once per split whatever its size")
+    start = min(
+        measure(
+            {
+                "side": "lmjax",
+                "procs": 2,
+                "dataset": str(tmp / "one"),
+                "tokenizer": str(tmp / "bpe"),
+                "cache_dir": str(tmp / f"cacheone{r}"),
+            }
+        )["seconds"]
+        for r in range(rounds)
+    )
+    print(
+        f"  data.num_proc=2 starts its worker processes in {start:.2f} s (a build of one document), a cost "
+        "paid once per split whatever its size"
+    )
     for procs in (1, 2):
         fastest = max(rates["bpe", procs]["library"], rates["tiktoken", procs]["library"])
         ratios = ", ".join(f"{k} {fastest / rates[k, procs]['lmjax']:.2f}x" for k in ("bpe", "tiktoken"))
@@ -218,13 +248,22 @@ def bench_pack(texts: list[str], bpe_train_mb: float, rounds: int, rss_mb: float
     big.save_to_disk(str(tmp / "big"))
     del big
     ByteTokenizer().save(tmp / "byte")
-    got = measure({"side": "lmjax", "procs": 1, "dataset": str(tmp / "big"), "tokenizer": str(tmp / "byte"),
-                   "cache_dir": str(tmp / "cachebig")})
-    print(f"  memory: byte tokenizer on {mb * copies:.0f} MB ({copies} copies), {got['tokens'] * 2 / 2**20:.0f} MiB of "
-          f"tokens written, {mb * copies / got['seconds']:.1f} MB/s: peak heap (anonymous RSS) "
-          f"{got['rss_peak']['anon'] / 2**20:.0f} MiB, of which the build added {held(got):.0f} MiB; peak file-backed "
-          f"RSS {got['rss_peak']['file'] / 2**20:.0f} MiB (pages of the memory-mapped dataset read, dropped by the "
-          "kernel when memory is short)")
+    got = measure(
+        {
+            "side": "lmjax",
+            "procs": 1,
+            "dataset": str(tmp / "big"),
+            "tokenizer": str(tmp / "byte"),
+            "cache_dir": str(tmp / "cachebig"),
+        }
+    )
+    print(
+        f"  memory: byte tokenizer on {mb * copies:.0f} MB ({copies} copies), {got['tokens'] * 2 / 2**20:.0f} MiB of "
+        f"tokens written, {mb * copies / got['seconds']:.1f} MB/s: peak heap (anonymous RSS) "
+        f"{got['rss_peak']['anon'] / 2**20:.0f} MiB, of which the build added {held(got):.0f} MiB; peak file-backed "
+        f"RSS {got['rss_peak']['file'] / 2**20:.0f} MiB (pages of the memory-mapped dataset read, dropped by the "
+        "kernel when memory is short)"
+    )
 
 
 def held(measured: dict) -> float:
@@ -234,7 +273,6 @@ def held(measured: dict) -> float:
 
 def bench_training(cfg, run_dir: Path, rounds: int, steps: int) -> None:
     import jax
-
     from lmjax.data import prepare
     from lmjax.data.batches import Prefetcher, TrainBatches
     from lmjax.run import build_run
@@ -245,10 +283,18 @@ def bench_training(cfg, run_dir: Path, rounds: int, steps: int) -> None:
     parallel = build_parallel(cfg.parallel)
     run = build_run(cfg, run_dir, data.tokenizer.vocab_size, parallel)
     state = parallel.init_state(run.init_state, run.shardings, jax.random.PRNGKey(cfg.seed))
-    step_fn = parallel.compile_step(partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum,
-                                            on_nan=cfg.train.on_nan), run.shardings)
-    batches = TrainBatches(data.train, cfg.data.seq_len, cfg.train.batch_size, cfg.data.seed,
-                           parallel.process_block, cfg.data.document_mask)
+    step_fn = parallel.compile_step(
+        partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum, on_nan=cfg.train.on_nan),
+        run.shardings,
+    )
+    batches = TrainBatches(
+        data.train,
+        cfg.data.seq_len,
+        cfg.train.batch_size,
+        cfg.data.seed,
+        parallel.process_block,
+        cfg.data.document_mask,
+    )
     synthetic = parallel.put_batch(batches(10**6))  # same shape and dtypes, placed once
 
     def timed(stream) -> float:
@@ -284,16 +330,22 @@ def bench_training(cfg, run_dir: Path, rounds: int, steps: int) -> None:
     for s in range(50):
         jax.block_until_ready(parallel.put_batch(batches(s)))
     host = (time.perf_counter() - t0) / 50
-    print(f"training step, {cfg.train.batch_size} x {cfg.data.seq_len} tokens, {parallel.describe()}, "
-          f"{rounds} alternating rounds x {steps} steps:")
+    print(
+        f"training step, {cfg.train.batch_size} x {cfg.data.seq_len} tokens, {parallel.describe()}, "
+        f"{rounds} alternating rounds x {steps} steps:"
+    )
     for name, times in (("synthetic in-memory batch", synth_times), ("real pipeline", real_times)):
-        print(f"  {name:27} median {statistics.median(times) * 1e3:8.2f} ms/step, best round {min(times) * 1e3:8.2f}"
-              f"   (rounds: {', '.join(f'{t * 1e3:.1f}' for t in times)})")
+        print(
+            f"  {name:27} median {statistics.median(times) * 1e3:8.2f} ms/step, best round {min(times) * 1e3:8.2f}"
+            f"   (rounds: {', '.join(f'{t * 1e3:.1f}' for t in times)})"
+        )
     for name, pick in (("median", statistics.median), ("best round", min)):
         ratio = pick(real_times) / pick(synth_times)
         print(f"  ratio real / synthetic ({name:10}) {ratio:.4f}  ({(ratio - 1) * 100:+.2f}%; target < +3%)")
-    print(f"  host time to build and place one batch (overlapped by the prefetcher in training): "
-          f"{host * 1e3:.3f} ms = {host / statistics.median(synth_times) * 100:.2f}% of a step")
+    print(
+        f"  host time to build and place one batch (overlapped by the prefetcher in training): "
+        f"{host * 1e3:.3f} ms = {host / statistics.median(synth_times) * 100:.2f}% of a step"
+    )
 
 
 def main() -> None:
@@ -323,8 +375,10 @@ def main() -> None:
         if args.only in (None, "pack"):
             bench_pack(read_stdlib(args.pack_mb), args.bpe_train_mb, args.pack_rounds, args.rss_mb, Path(tmp))
         if args.only in (None, "training"):
-            cfg = config_lib.load(Path(__file__).resolve().parents[1] / "experiments" / "default.py",
-                                  [f"--config.data.cache_dir={tmp}/cache"])
+            cfg = config_lib.load(
+                Path(__file__).resolve().parents[1] / "experiments" / "default.py",
+                [f"--config.data.cache_dir={tmp}/cache"],
+            )
             bench_training(cfg, Path(tmp) / "run", args.rounds, args.steps)
 
 

@@ -9,8 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from ml_collections import ConfigDict
-
 from lmjax.errors import UserError
 from lmjax.plan import (
     DEVICE_MEMORY,
@@ -21,27 +19,50 @@ from lmjax.plan import (
     device_name,
     vocab_size_without_data,
 )
+from ml_collections import ConfigDict
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "experiments" / "tiny.py")
 # No biases, RMSNorm scales only, rotary positions: every matrix divides by 8, every vector is a norm scale.
 V, D, L, F = 256, 32, 2, 128
-SHAPE = [f"--config.model.vocab_size={V}", f"--config.model.d_model={D}", f"--config.model.n_layers={L}",
-         "--config.model.n_heads=4", f"--config.model.d_ff={F}", "--config.model.bias=False",
-         "--config.model.norm=rmsnorm", "--config.model.positions=rope", "--config.train.batch_size=16"]
+SHAPE = [
+    f"--config.model.vocab_size={V}",
+    f"--config.model.d_model={D}",
+    f"--config.model.n_layers={L}",
+    "--config.model.n_heads=4",
+    f"--config.model.d_ff={F}",
+    "--config.model.bias=False",
+    "--config.model.norm=rmsnorm",
+    "--config.model.positions=rope",
+    "--config.train.batch_size=16",
+]
 
 
 def plan_cli(*args):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "lmjax.cli", "plan", *args], capture_output=True, text=True, env=env,
-                          timeout=600, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "lmjax.cli", "plan", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
 
 
 @pytest.mark.parametrize("fsdp", [1, 8])
 def test_parameter_and_optimizer_bytes_match_a_count_by_hand(tmp_path, fsdp):
     out = tmp_path / "plan.json"
-    r = plan_cli(TINY, "--devices", str(fsdp), f"--config.parallel.fsdp={fsdp}", "--config.parallel.data=1",
-                 *SHAPE, "--json", str(out))
+    r = plan_cli(
+        TINY,
+        "--devices",
+        str(fsdp),
+        f"--config.parallel.fsdp={fsdp}",
+        "--config.parallel.data=1",
+        *SHAPE,
+        "--json",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     p = json.loads(out.read_text())
     matrices = V * D + L * (4 * D * D + 2 * D * F)  # tied embedding; q, k, v, out; MLP fc and proj
@@ -65,8 +86,16 @@ def test_mesh_that_does_not_divide_the_devices_is_one_line():
 
 def test_a_plan_that_does_not_fit_the_named_device_exits_2():
     # 2M x 2048 embedding: 16 GiB of float32 parameters, 48 GiB with Adam's moments.
-    r = plan_cli(TINY, "--device", "a100-40g", "--config.model.vocab_size=2000000", "--config.model.d_model=2048",
-                 "--config.model.n_layers=1", "--config.model.n_heads=16", "--config.data.seq_len=8")
+    r = plan_cli(
+        TINY,
+        "--device",
+        "a100-40g",
+        "--config.model.vocab_size=2000000",
+        "--config.model.d_model=2048",
+        "--config.model.n_layers=1",
+        "--config.model.n_heads=16",
+        "--config.data.seq_len=8",
+    )
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().count("\n") == 0 and "A100-40G" in r.stderr and "parallel.fsdp" in r.stderr
     assert "A100-40G   no" in r.stdout
@@ -102,8 +131,10 @@ def test_vocabulary_without_data():
     assert vocab_size_without_data(c) == (300, "model.vocab_size")
 
 
-@pytest.mark.skipif(not __import__("lmjax.plan").plan.cuda_plugin_installed(),
-                    reason="needs the CUDA plugin (jax-cuda12-plugin); no GPU needed")
+@pytest.mark.skipif(
+    not __import__("lmjax.plan").plan.cuda_plugin_installed(),
+    reason="needs the CUDA plugin (jax-cuda12-plugin); no GPU needed",
+)
 def test_compiles_for_a_gpu_without_one(tmp_path):
     out = tmp_path / "plan.json"
     r = plan_cli(TINY, "--device", "H100-80G", "--devices", "2", *SHAPE, "--json", str(out))

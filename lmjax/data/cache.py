@@ -48,7 +48,7 @@ class TokenSplit:
 
     def document(self, i: int) -> np.ndarray:
         """Tokens of document i without its trailing end-of-text."""
-        return self.tokens[self.doc_starts[i]: self.doc_starts[i + 1] - 1]
+        return self.tokens[self.doc_starts[i] : self.doc_starts[i + 1] - 1]
 
 
 def cache_root(data_cfg) -> Path:
@@ -70,8 +70,10 @@ BATCH_DOCUMENTS = 256  # documents encoded per call of the tokenizer's encode_ba
 def _encode(tokenizer: Tokenizer, texts: list) -> tuple[list[np.ndarray], np.ndarray]:
     """A batch of texts → (int32 ids of each, int64 UTF-8 bytes of each); None is an empty document."""
     texts = [t or "" for t in texts]
-    return ([np.asarray(ids, np.int32) for ids in tokenizer.encode_batch(texts)],
-            np.array([len(t.encode("utf-8")) for t in texts], np.int64))
+    return (
+        [np.asarray(ids, np.int32) for ids in tokenizer.encode_batch(texts)],
+        np.array([len(t.encode("utf-8")) for t in texts], np.int64),
+    )
 
 
 _worker_tokenizer: Tokenizer | None = None
@@ -149,7 +151,8 @@ def load_split(directory: Path) -> TokenSplit:
     return TokenSplit(
         tokens=np.load(directory / "tokens.npy", mmap_mode="r", allow_pickle=False),
         doc_starts=np.load(directory / "doc_starts.npy", allow_pickle=False),
-        doc_bytes=np.load(directory / "doc_bytes.npy", allow_pickle=False))
+        doc_bytes=np.load(directory / "doc_bytes.npy", allow_pickle=False),
+    )
 
 
 def is_complete(directory: Path) -> bool:
@@ -193,10 +196,18 @@ def _build(directory: Path, name: str, ds, tokenizer: Tokenizer, data_cfg) -> in
     try:
         total = _pack(_tokenize(ds, tokenizer, data_cfg.num_proc), tokenizer.eot_id, tokenizer.vocab_size, tmp)
         if total == 0:
-            raise UserError(f"the {SPLIT_NAMES.get(name, name)} split has no text: its {len(ds)} document(s) are all empty; "
-                            "check data.paths, data.heldout_paths and data.text_field")
-        meta = {"version": CACHE_VERSION, "split": name, "dataset": ds._fingerprint, "documents": len(ds),
-                "tokens": total, "tokenizer": {"kind": tokenizer.kind, "fingerprint": tokenizer.fingerprint()}}
+            raise UserError(
+                f"the {SPLIT_NAMES.get(name, name)} split has no text: its {len(ds)} document(s) are all "
+                "empty; check data.paths, data.heldout_paths and data.text_field"
+            )
+        meta = {
+            "version": CACHE_VERSION,
+            "split": name,
+            "dataset": ds._fingerprint,
+            "documents": len(ds),
+            "tokens": total,
+            "tokenizer": {"kind": tokenizer.kind, "fingerprint": tokenizer.fingerprint()},
+        }
         (tmp / "meta.json").write_text(json.dumps(meta))
         publish(tmp, directory)
     finally:
