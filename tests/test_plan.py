@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from lmjax.devices import DEVICE_MEMORY, GiB, cuda_plugin_installed
 from lmjax.errors import UserError
 from lmjax.plan import (
-    DEVICE_MEMORY,
-    GiB,
     Plan,
     check_device,
     default_devices,
@@ -132,7 +131,7 @@ def test_vocabulary_without_data():
 
 
 @pytest.mark.skipif(
-    not __import__("lmjax.plan").plan.cuda_plugin_installed(),
+    not cuda_plugin_installed(),
     reason="needs the CUDA plugin (jax-cuda12-plugin); no GPU needed",
 )
 def test_compiles_for_a_gpu_without_one(tmp_path):
