@@ -95,7 +95,9 @@ def _tokenize(ds, tokenizer: Tokenizer, num_proc: int):
     forked from a process whose JAX runtime threads are running can deadlock), with at most
     two batches per worker in flight: memory stays bounded whatever the corpus size.
     """
-    batches = (b["text"] for b in ds.iter(batch_size=BATCH_DOCUMENTS))
+    # Several workers need several batches each, or one of them does all the work.
+    size = BATCH_DOCUMENTS if num_proc <= 1 else max(1, min(BATCH_DOCUMENTS, len(ds) // (8 * num_proc)))
+    batches = (b["text"] for b in ds.iter(batch_size=size))
     if num_proc <= 1:
         for texts in batches:
             yield _encode(tokenizer, texts)
