@@ -28,7 +28,7 @@ def _quiet_logs() -> None:
 def cmd_train(args, overrides) -> int:
     from lmjax import config as config_lib
     from lmjax.train.loop import Preempted, TrainingHalted, train
-    from lmjax.train.parallel import initialize_distributed
+    from lmjax.train.distributed import initialize_distributed
 
     cfg = config_lib.load(args.experiment, overrides)
     initialize_distributed(cfg.parallel)  # before any other JAX call: it decides which devices we see

@@ -77,7 +77,7 @@ def test_source_kind_trains_and_evaluates(kind, tmp_path, request, monkeypatch, 
     def no_build(*args, **kwargs):
         raise AssertionError("eval/sample built a tokenizer instead of loading the run's")
 
-    monkeypatch.setattr(tokenizers, "load_tokenizer", spy_load)
+    monkeypatch.setattr("lmjax.run.load_tokenizer", spy_load)  # where load_run looks it up
     monkeypatch.setattr(tokenizers, "build_tokenizer", no_build)
     monkeypatch.setattr("lmjax.data.build_tokenizer", no_build)
     capsys.readouterr()

@@ -23,7 +23,7 @@ from ml_collections import ConfigDict
 from conftest import ROOT, run_cli, write_experiment
 from lmjax.errors import UserError
 from lmjax.metrics import read_jsonl
-from lmjax.train.parallel import distributed_args
+from lmjax.train.distributed import distributed_args
 
 WORKER = ROOT / "tests" / "parallel_worker.py"
 # Cheaper CPU compiles (the programs are tiny; the compile is most of each case's time).
