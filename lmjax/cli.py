@@ -32,6 +32,7 @@ def cmd_train(args, overrides) -> int:
 
     cfg = config_lib.load(args.experiment, overrides)
     initialize_distributed(cfg.parallel)  # before any other JAX call: it decides which devices we see
+    _say_backend(cfg)
     workdir = args.workdir or os.path.join("runs", Path(args.experiment).stem)
     try:
         train(cfg, workdir, stop_at=args.stop_at)
@@ -45,6 +46,17 @@ def cmd_train(args, overrides) -> int:
         print(f"lmjax: training halted: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _say_backend(cfg) -> None:
+    """Backend, device kind and attention choice first (a choice the device cannot run: UserError)."""
+    import jax
+
+    from lmjax.backend import startup_lines
+
+    lines = startup_lines(cfg)
+    if jax.process_index() == 0:
+        print("\n".join(lines), flush=True)
 
 
 def format_report(name: str, r: dict) -> str:
@@ -298,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     if called_as_program and args.command in ("train", "eval", "sample"):
         from lmjax import scratch_cache
 
-        scratch_cache.use_in_this_process()  # re-executes once with the library preloaded
+        scratch_cache.use_in_this_process()  # on CPU runs: re-executes once with the library preloaded
     try:
         return COMMANDS[args.command](args, overrides)
     except UserError as e:

@@ -19,6 +19,7 @@ from typing import Any, Iterable
 from ml_collections import ConfigDict
 
 from lmjax.errors import UserError
+from lmjax.models.attention import IMPLEMENTATIONS
 from lmjax.models.transformer import TransformerConfig
 
 
@@ -34,6 +35,7 @@ CHOICES = {
     "model.mlp": ("gelu", "swiglu"),
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
+    "model.attention": IMPLEMENTATIONS,
     "optim.name": ("adamw", "sgd"),
     "optim.schedule": ("cosine", "constant", "step"),
     "train.on_nan": ("halt", "skip"),
@@ -149,6 +151,7 @@ RESUME_SAFE_PREFIXES = (
     "train.save_every", "train.keep", "train.on_nan", "train.resume", "train.peak_flops",
     "train.profile_steps", "train.dispatch_ahead", "train.tensorboard", "train.wandb",
     "parallel.", "eval.", "sample.", "data.num_proc", "data.cache_dir",
+    "model.attention", "model.cpu_kernels",  # how the same function is computed, not which
 )
 
 

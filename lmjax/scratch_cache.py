@@ -9,8 +9,10 @@ blocks of at least 4 MiB mapped for the next request of the same size.
 
 `use_in_this_process()` re-executes the program (same PID, same arguments) with the library
 in LD_PRELOAD, which only works before the process has started its work: `lmjax` and the
-scripts call it first thing. Set LMJAX_SCRATCH_CACHE=0 to turn it off; without a C compiler,
-off glibc, or with an LD_PRELOAD of the user's own (another allocator) it does nothing.
+scripts call it first thing. It is CPU tuning: when the run will use a GPU or TPU
+(lmjax.backend.expected_platform, decided without starting CUDA) it does nothing, as it does
+with LMJAX_SCRATCH_CACHE=0, without a C compiler, off glibc, or under an LD_PRELOAD of the
+user's own (another allocator).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 from lmjax import default_cache_dir
+from lmjax.backend import expected_platform
 
 SOURCE = Path(__file__).with_name("scratch_cache.c")
 _REEXEC_MARK = "_LMJAX_SCRATCH_CACHE_PRELOADED"
@@ -80,9 +83,12 @@ def active() -> bool:
 
 
 def use_in_this_process() -> None:
-    """Re-execute this program with the library preloaded, once; returns if it is loaded or cannot be."""
+    """Re-execute this program with the library preloaded, once, if the run will be on the CPU;
+    returns if it is loaded, cannot be, or the run is for an accelerator."""
     if os.environ.pop(_REEXEC_MARK, None) is not None:
         os.environ.pop("LD_PRELOAD", None)  # the re-executed process: keep it out of the programs it starts
+        return
+    if expected_platform() != "cpu":
         return
     lib = None if active() else _to_preload()
     if lib is None:

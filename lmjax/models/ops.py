@@ -1,6 +1,7 @@
 """Layer functions with hand-written backward passes (jax.custom_vjp), written for training
-speed on XLA:CPU. The norm and GELU apply on every platform (reverse-mode autodiff only: jvp
-through them is not defined); attention's hand-written version runs on CPU only.
+speed on XLA:CPU. They apply on the CPU only, and only with model.cpu_kernels=True (the
+choice is made in lmjax.models.attention); elsewhere the model uses the plain formulas
+(`plain_norm`, `plain_gelu`), so forward-mode autodiff (jax.jvp) works through it.
 
 Forward values are the plain formulas (attention scales the queries rather than the logits);
 the gradients are written by hand, in fewer and larger steps than autodiff produces. On
@@ -37,6 +38,11 @@ MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 # ---------------------------------------------------------------------------------------- norm
+
+def plain_norm(x_BxTxD: Array, scale_D: Array, bias_D: Array | None, eps: float, center: bool) -> Array:
+    """`norm` without the hand-written gradient: plain JAX, differentiable in both modes."""
+    return _norm_forward(x_BxTxD, scale_D, bias_D, eps, center)[0]
+
 
 def _norm_forward(x, scale, bias, eps, center):
     if center:
@@ -76,6 +82,11 @@ norm.defvjp(_norm_fwd, _norm_bwd)
 # ---------------------------------------------------------------------------------------- gelu
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def plain_gelu(x: Array) -> Array:
+    """`gelu` without the hand-written gradient."""
+    return jax.nn.gelu(x, approximate=True)
 
 
 @jax.custom_vjp
@@ -158,26 +169,6 @@ def _attention_bwd(scale, residuals, dout_BxTxNxH):
 _attention.defvjp(_attention_forward, _attention_bwd)  # the forward returns (output, residuals)
 
 
-def causal_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
-                     mask_Bx1xTxS: Array | None = None) -> Array:
-    """Causal softmax attention, as jax.nn.dot_product_attention(..., is_causal=True).
-
-    `mask_Bx1xTxS` (bool, optional) further restricts which keys each query sees, e.g. to
-    its own document; grouped-query attention when K divides N. Logits and softmax are
-    float32 whatever the input dtype.
-
-    The platform is chosen when the step is compiled: on CPU the hand-written gradient
-    below; on GPU and TPU jax.nn.dot_product_attention with its default implementation
-    (XLA's, in jax 0.10: it does not pick cuDNN's fused kernel by itself).
-    """
-    return jax.lax.platform_dependent(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS,
-                                      cpu=_cpu_causal_attention, default=_library_causal_attention)
-
-
-def _library_causal_attention(q, k, v, mask):
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
-
-
 # Query rows per block of the CPU attention: long sequences are split into blocks of this many
 # queries (at most MAX_QUERY_BLOCKS blocks), each multiplied only with the keys up to its last
 # row, so the products skip most of the masked upper triangle (a quarter at 2 blocks). Smaller blocks
@@ -186,15 +177,23 @@ QUERY_BLOCK = 128
 MAX_QUERY_BLOCKS = 8  # 7/16 of the products skipped at 8; more blocks only grow the program
 
 
-def _cpu_causal_attention(q, k, v, mask):
-    t, s = q.shape[1], k.shape[1]
+def causal_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
+                     mask_Bx1xTxS: Array | None = None) -> Array:
+    """Causal softmax attention, as jax.nn.dot_product_attention(..., is_causal=True), with the
+    hand-written gradient (for the CPU: lmjax.models.attention chooses where it runs).
+
+    `mask_Bx1xTxS` (bool, optional) further restricts which keys each query sees, e.g. to
+    its own document; grouped-query attention when K divides N. Logits and softmax are
+    float32 whatever the input dtype.
+    """
+    t, s = q_BxTxNxH.shape[1], k_BxSxKxH.shape[1]
     causal = jnp.tril(jnp.ones((t, s), bool))[None, None]
-    if mask is not None:
-        causal = causal & mask
-    scale = 1.0 / math.sqrt(q.shape[-1])
+    if mask_Bx1xTxS is not None:
+        causal = causal & mask_Bx1xTxS
+    scale = 1.0 / math.sqrt(q_BxTxNxH.shape[-1])
     if t != s or t < 2 * QUERY_BLOCK:
-        return _attention(q, k, v, causal, scale)
+        return _attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, causal, scale)
     blocks = min(t // QUERY_BLOCK, MAX_QUERY_BLOCKS)
     bounds = [(j * t // blocks, (j + 1) * t // blocks) for j in range(blocks)]
-    return jnp.concatenate([_attention(q[:, lo:hi], k[:, :hi], v[:, :hi], causal[:, :, lo:hi, :hi], scale)
-                            for lo, hi in bounds], axis=1)
+    return jnp.concatenate([_attention(q_BxTxNxH[:, lo:hi], k_BxSxKxH[:, :hi], v_BxSxKxH[:, :hi],
+                                       causal[:, :, lo:hi, :hi], scale) for lo, hi in bounds], axis=1)

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmjax.models import ops
+from lmjax.models import attention, ops
 
 Array = jax.Array
 
@@ -43,6 +43,9 @@ class TransformerConfig:
     dtype: str = "float32"  # compute dtype; parameters stay float32
     scan_layers: bool = False
     remat: str = "none"
+    # auto = cuDNN's fused kernel on NVIDIA GPUs, splash on TPU, lmjax's kernel on CPU, else xla
+    attention: str = "auto"  # auto | xla | cudnn | splash | cpu (lmjax.models.attention)
+    cpu_kernels: bool = True  # hand-written gradients on CPU; False: plain JAX (jax.jvp works)
 
     def __post_init__(self):  # derive what 0 leaves open and the fields alone decide
         if not self.n_kv_heads:
@@ -100,7 +103,8 @@ class Norm(nn.Module):
         c = self.cfg
         scale = self.param("scale", _ones(("norm",)), (c.d_model,), jnp.float32)
         bias = self.param("bias", _zeros(("norm",)), (c.d_model,), jnp.float32) if c.bias else None
-        x = ops.norm(x_BxTxD.astype(jnp.float32), scale, bias, c.norm_eps, c.norm == "layernorm")
+        norm = ops.norm if attention.hand_written_gradients(c.cpu_kernels) else ops.plain_norm
+        x = norm(x_BxTxD.astype(jnp.float32), scale, bias, c.norm_eps, c.norm == "layernorm")
         return x.astype(x_BxTxD.dtype)
 
 
@@ -187,10 +191,10 @@ class Attention(nn.Module):
             mask = (jnp.arange(c.max_len)[None, :] <= q_pos_T[:, None])[None, None]  # 1x1xTxS
             out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask)
         else:
-            mask = None
-            if segment_ids_BxT is not None:
-                mask = (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]  # Bx1xTxS
-            out_BxTxNxH = ops.causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask)
+            choice = attention.choose(c.attention, attention.current_device(), c.dtype, c.head_dim,
+                                      x_BxTxD.shape[1], segment_ids_BxT is not None, c.cpu_kernels)
+            out_BxTxNxH = attention.causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT,
+                                                     choice.implementation)
 
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layers).
         out_std = std / math.sqrt(2 * c.n_layers)
@@ -232,7 +236,8 @@ class MLP(nn.Module):
         out_std = 0.02 / math.sqrt(2 * c.n_layers)
         x_BTxD = as_rows(x_BxTxD)
         if c.mlp == "gelu":
-            h_BTxF = ops.gelu(dense(c.d_ff, 0.02, ("embed", "mlp"), "fc")(x_BTxD))
+            gelu = ops.gelu if attention.hand_written_gradients(c.cpu_kernels) else ops.plain_gelu
+            h_BTxF = gelu(dense(c.d_ff, 0.02, ("embed", "mlp"), "fc")(x_BTxD))
         else:
             gate = dense(c.d_ff, 0.02, ("embed", "mlp"), "gate")(x_BTxD)
             up = dense(c.d_ff, 0.02, ("embed", "mlp"), "up")(x_BTxD)
