@@ -98,3 +98,36 @@ def test_causal_attention_bfloat16_close_to_float32(t):
     np.testing.assert_allclose(out16.astype(jnp.float32), out32, atol=5e-2)
     for g, r in zip(g16, g32):
         np.testing.assert_allclose(g.astype(jnp.float32), r, atol=1e-1)
+
+
+def _model_and_inputs(cpu_kernels: bool):
+    from lmjax.models.transformer import Transformer, TransformerConfig
+
+    model = Transformer(TransformerConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32, max_len=12,
+                                          cpu_kernels=cpu_kernels))  # LayerNorm and GELU: both have kernels
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 12), 0, 40)
+    segment_ids = jnp.asarray([[1] * 5 + [2] * 7, [1] * 12], jnp.int32)
+    positions = jnp.asarray([list(range(5)) + list(range(7)), list(range(12))], jnp.int32)
+    params = model.init(jax.random.PRNGKey(1), tokens)
+    return (lambda p: model.apply(p, tokens, positions, segment_ids)), params
+
+
+def test_jvp_through_the_whole_model_with_the_cpu_kernels_off():
+    """Forward mode (Hessian-vector products, jax.linearize) works with model.cpu_kernels=False, and
+    agrees with reverse mode: <J t, c> = <t, J^T c> for a random tangent t and cotangent c."""
+    f, params = _model_and_inputs(cpu_kernels=False)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+    tangent = jax.tree.unflatten(tree, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    logits, jt = jax.jit(lambda p, t: jax.jvp(f, (p,), (t,)))(params, tangent)
+    cotangent = jax.random.normal(jax.random.PRNGKey(3), logits.shape)
+    (jtc,) = jax.jit(lambda p, c: jax.vjp(f, p)[1](c))(params, cotangent)
+    forward = float(jnp.vdot(jt, cotangent))
+    reverse = float(sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(tangent), jax.tree.leaves(jtc))))
+    assert np.isfinite(forward) and abs(forward) > 1e-3
+    np.testing.assert_allclose(forward, reverse, rtol=1e-4)
+    # The same model with the kernels on (the CPU default) has reverse mode only: the switch matters.
+    f_kernels, _ = _model_and_inputs(cpu_kernels=True)
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(f_kernels, (params,), (tangent,))
+    np.testing.assert_allclose(jax.jit(f_kernels)(params), logits, rtol=1e-5, atol=1e-5)  # same forward values
