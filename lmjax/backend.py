@@ -22,10 +22,11 @@ _PLATFORM_OF = {"cpu": "cpu", "cuda": "gpu", "gpu": "gpu", "rocm": "gpu", "tpu":
 _PLUGIN = re.compile(r"^(jax[-_]cuda\d+[-_](plugin|pjrt)|jax[-_]rocm\d*[-_](plugin|pjrt)|libtpu(-nightly)?)$")
 
 
-def installed_plugins() -> list[str]:
-    """Names of the installed distributions that add a GPU or TPU backend to JAX."""
-    names = {(d.metadata["Name"] or "").lower() for d in importlib.metadata.distributions()}
-    return sorted(n for n in names if _PLUGIN.match(n))
+def installed_plugins(names=None) -> list[str]:
+    """Those of the installed distributions (or of `names`) that add a GPU or TPU backend to JAX."""
+    if names is None:
+        names = {(d.metadata["Name"] or "") for d in importlib.metadata.distributions()}
+    return sorted(n.lower() for n in names if _PLUGIN.match(n.lower()))
 
 
 def _device_files(platform: str) -> bool:
