@@ -69,7 +69,8 @@ def unused_gpu_warning(platform: str, gpus: list[str]) -> str | None:
     fix = ("JAX_PLATFORMS is set to cpu: unset it" if os.environ.get("JAX_PLATFORMS", "").startswith("cpu")
            else "install JAX's CUDA backend: bash scripts/setup.sh (it picks the cuda12 extra), or "
                 "pip install -c constraints.txt -e '.[cuda12]'")
-    return f"warning: nvidia-smi sees {len(gpus)} GPU(s) ({gpus[0].split(' (UUID')[0]}) but JAX runs on {platform}; {fix}"
+    first = gpus[0].split(" (UUID")[0]
+    return f"warning: nvidia-smi sees {len(gpus)} GPU(s) ({first}) but JAX runs on {platform}; {fix}"
 
 
 def startup_lines(cfg, device=None, gpus: list[str] | None = None) -> list[str]:
@@ -81,7 +82,7 @@ def startup_lines(cfg, device=None, gpus: list[str] | None = None) -> list[str]:
     from lmjax.models import attention
 
     device = device or jax.devices()[0]
-    where = attention.Device.of(device)
+    where = attention.Device.of(device, jax.device_count())
     lines = [f"backend: {where.platform}, {jax.device_count()} x {where.kind}"
              + (f" (compute capability {where.compute_capability})" if where.compute_capability else "")]
     if cfg.model.kind == "transformer":

@@ -35,6 +35,7 @@ TPU = Device("tpu", "TPU v5 lite")
     (MI300, "bfloat16", 64, 1024, False, "xla", "NVIDIA"),
     (TPU, "bfloat16", 64, 1024, True, "splash", "TPU v5 lite"),
     (TPU, "float32", 64, 1000, False, "xla", "multiple of 128"),
+    (Device("tpu", "TPU v5 lite", count=8), "bfloat16", 64, 1024, False, "xla", "8 chips"),
     (Device("METAL", "Apple M3"), "float32", 64, 128, False, "xla", "no fused kernel"),
 ])
 def test_auto_takes_the_fused_kernel_where_it_can_run(device, dtype, head, seq, docs, expected, reason):
@@ -83,7 +84,7 @@ def test_hand_written_gradients_only_on_the_cpu_and_only_when_asked():
 def plain_attention(q, k, v, segment_ids):
     """The formula: softmax(q k^T / sqrt(H) + causal and document mask) v, in float64 numpy."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    b, t, n, h = q.shape
+    t, n, h = q.shape[1:]
     k = np.repeat(k, n // k.shape[2], axis=2)
     v = np.repeat(v, n // v.shape[2], axis=2)
     logits = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(h)
@@ -180,8 +181,8 @@ def test_xla_and_cpu_attention_give_the_same_model_loss_and_gradients():
         logits = model.apply(params, tokens, positions, seg)
         return -jnp.mean(jax.nn.log_softmax(logits)[:, :-1].max(-1))
 
-    results = {a: jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, tiny_model(attention=a, cpu_kernels=a == "cpu"))
-               for a in ("cpu", "xla")}
+    loss_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    results = {a: loss_and_grad(params, tiny_model(attention=a, cpu_kernels=a == "cpu")) for a in ("cpu", "xla")}
     np.testing.assert_allclose(results["cpu"][0], results["xla"][0], rtol=1e-5)
     for g, r in zip(jax.tree.leaves(results["cpu"][1]), jax.tree.leaves(results["xla"][1])):
         np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-5)

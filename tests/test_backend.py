@@ -42,7 +42,8 @@ def test_installed_plugins_are_the_accelerator_backends_only():
 
 def test_nvidia_smi_listing_and_the_unused_gpu_warning(monkeypatch):
     monkeypatch.setattr(backend.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
-    listing = types.SimpleNamespace(returncode=0, stdout="GPU 0: NVIDIA H200 (UUID: GPU-1)\nGPU 1: NVIDIA H200 (UUID: GPU-2)\n")
+    listing = types.SimpleNamespace(returncode=0,
+                                    stdout="GPU 0: NVIDIA H200 (UUID: GPU-1)\nGPU 1: NVIDIA H200 (UUID: GPU-2)\n")
     gpus = backend.nvidia_gpus(run=lambda *a, **k: listing)
     assert gpus == ["GPU 0: NVIDIA H200 (UUID: GPU-1)", "GPU 1: NVIDIA H200 (UUID: GPU-2)"]
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
@@ -87,7 +88,7 @@ def setup_dry_run(tmp_path, cuda_version: str | None, *extras: str, **env) -> st
         smi.chmod(0o755)
     path = f"{bin_dir}:/usr/bin:/bin"  # nothing else that could look like an accelerator
     r = subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh"), *extras], capture_output=True, text=True,
-                       env={"PATH": path, "HOME": os.environ.get("HOME", "/tmp"), "LMJAX_SETUP_DRY_RUN": "1", **env},
+                       check=False, env={"PATH": path, "HOME": os.environ.get("HOME", "/tmp"), "LMJAX_SETUP_DRY_RUN": "1", **env},
                        timeout=60)
     assert r.returncode == 0, r.stderr
     return r.stdout
@@ -107,7 +108,6 @@ def test_setup_picks_the_jax_extra_for_the_machine_and_says_which(tmp_path):
 def test_constraints_pin_every_dependency_inside_its_range():
     """Each exact version in constraints.txt satisfies pyproject.toml's range for that package."""
     import tomllib
-
     from packaging.requirements import Requirement
 
     pins = {}
@@ -133,7 +133,7 @@ def test_the_scratch_allocator_loads_only_for_cpu_runs(platforms, loaded):
     if not scratch_cache.usable():
         pytest.skip("needs Linux, glibc, a C compiler, no LD_PRELOAD")
     code = "from lmjax import scratch_cache as s; s.use_in_this_process(); print(s.active())"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
                        env={**os.environ, "JAX_PLATFORMS": platforms, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == [loaded]

@@ -90,7 +90,7 @@ def test_causal_attention_matches_reference(t, heads, kv_heads, segments):
 def test_causal_attention_bfloat16_close_to_float32(t):
     k = jax.random.split(jax.random.PRNGKey(2), 4)
     q, kk, v, dout = (jax.random.normal(k[i], (2, t, 2, 8)) for i in range(4))
-    f = lambda q, k, v: ops.causal_attention(q, k, v)  # noqa: E731
+    f = ops.causal_attention
     out32, g32 = value_and_grads(f, (q, kk, v), dout)
     low = tuple(x.astype(jnp.bfloat16) for x in (q, kk, v))
     out16, g16 = value_and_grads(f, low, dout.astype(jnp.bfloat16))
@@ -103,8 +103,8 @@ def test_causal_attention_bfloat16_close_to_float32(t):
 def _model_and_inputs(cpu_kernels: bool):
     from lmjax.models.transformer import Transformer, TransformerConfig
 
-    model = Transformer(TransformerConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32, max_len=12,
-                                          cpu_kernels=cpu_kernels))  # LayerNorm and GELU: both have kernels
+    model = Transformer(TransformerConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32,
+                                          max_len=12, cpu_kernels=cpu_kernels))  # LayerNorm and GELU: both have kernels
     tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 12), 0, 40)
     segment_ids = jnp.asarray([[1] * 5 + [2] * 7, [1] * 12], jnp.int32)
     positions = jnp.asarray([list(range(5)) + list(range(7)), list(range(12))], jnp.int32)

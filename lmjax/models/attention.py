@@ -48,10 +48,11 @@ class Device:
     platform: str
     kind: str
     compute_capability: str = ""
+    count: int = 1  # devices of this kind the program runs on
 
     @classmethod
-    def of(cls, device) -> "Device":
-        return cls(device.platform, device.device_kind, str(getattr(device, "compute_capability", "") or ""))
+    def of(cls, device, count: int = 1) -> Device:
+        return cls(device.platform, device.device_kind, str(getattr(device, "compute_capability", "") or ""), count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +76,7 @@ def compiling_for(device: Device):
 
 def current_device() -> Device:
     """The device the model is traced for: `compiling_for`'s, else JAX's first device."""
-    return _TARGET.get() or Device.of(jax.devices()[0])
+    return _TARGET.get() or Device.of(jax.devices()[0], jax.device_count())
 
 
 def _capability(device: Device) -> tuple[int, ...]:
@@ -142,6 +143,9 @@ def choose(requested: str, device: Device, dtype: str, head_dim: int, seq_len: i
     if fused is None:
         return Choice("xla", f"no fused kernel for {device.platform}")
     why_not = obstacles[fused]()
+    if not why_not and fused == "splash" and device.count > 1:
+        # Without a shard_map of its own the kernel's operands would be gathered onto every chip.
+        why_not = f"on {device.count} chips it is not partitioned yet (model.attention=splash forces it)"
     if why_not:
         return Choice("xla", f"{fused} cannot run: {why_not}")
     return Choice(fused, f"fused kernel for {device.kind}")
@@ -178,7 +182,7 @@ def causal_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, segme
     raise ValueError(f"unknown attention implementation '{implementation}'")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _splash_kernel(seq_len: int, heads: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
@@ -194,7 +198,7 @@ def splash_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, segme
     """Pallas splash attention (TPU): the kernel works per sequence on N,T,H; vmapped over the batch."""
     from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
 
-    b, t, n, h = q_BxTxNxH.shape
+    _, t, n, h = q_BxTxNxH.shape
     kernel = _splash_kernel(t, n, interpret)
     # The kernel does not scale the logits: scale the queries (the smaller tensor).
     q_BxNxTxH = (q_BxTxNxH * jnp.asarray(1.0 / math.sqrt(h), q_BxTxNxH.dtype)).transpose(0, 2, 1, 3)
