@@ -67,14 +67,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=15, help="timed steps per run (after compilation)")
+    ap.add_argument("--only", nargs="*", help="settings to time besides the shim, e.g. jemalloc")
     a = ap.parse_args()
-    runs = {name: [] for name in settings()}
-    if "jemalloc" not in runs:
+    chosen = {name: env for name, env in settings().items() if name == "shim" or not a.only or name in a.only}
+    runs = {name: [] for name in chosen}
+    if "jemalloc" not in settings():
         print("jemalloc: libjemalloc.so.2 not found (apt-get install libjemalloc2); timing the others")
     print(f"default experiment's train step, {a.steps} steps per run, {a.rounds} alternating rounds, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
     for r in range(a.rounds):
-        for name, env in settings().items():
+        for name, env in chosen.items():
             runs[name].append(timed(env, a.steps))
             print(f"  round {r + 1} {name:15} {runs[name][-1]['step_ms']:7.1f} ms/step", flush=True)
     shim = statistics.median(x["step_ms"] for x in runs["shim"])

@@ -44,7 +44,8 @@ if [ "$MODE" = cpu ]; then
 else
   PY=.venv/bin/python
   DEVICE_ENV=(env -u JAX_PLATFORMS)
-  TESTS=${GPU_CHECK_TESTS:-tests/test_resume.py tests/test_eval_bruteforce.py tests/test_sampling.py tests/test_hf_interop.py}
+  TESTS=${GPU_CHECK_TESTS:-tests/test_resume.py tests/test_eval_bruteforce.py tests/test_sampling.py
+    tests/test_hf_interop.py tests/test_attention.py}
   SMALL=()
   STEPS=50
   FUSED=cudnn
@@ -89,7 +90,8 @@ step tests "${DEVICE_ENV[@]}" "$PY" -m pytest -q -m "not slow" -p no:cacheprovid
 
 # One checkpoint, its held-out perplexity on both platforms.
 ppl_check() {
-  "${DEVICE_ENV[@]}" "${LMJAX[@]}" train experiments/tiny.py --workdir "$OUT/ppl_run" --config.train.steps=60 || return 1
+  "${DEVICE_ENV[@]}" "${LMJAX[@]}" train experiments/tiny.py --workdir "$OUT/ppl_run" --config.train.steps=60 \
+    || return 1
   "${DEVICE_ENV[@]}" "${LMJAX[@]}" eval "$OUT/ppl_run" --json "$OUT/ppl_device.json" || return 1
   JAX_PLATFORMS=cpu "${LMJAX[@]}" eval "$OUT/ppl_run" --json "$OUT/ppl_cpu.json" || return 1
   "$PY" - "$OUT" <<'EOF'
@@ -121,8 +123,8 @@ from lmjax.train.loop import train
 attention, workdir, steps, extra = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
 overrides = ["--config.tokenizer.kind=byte", "--config.model.vocab_size=50257", f"--config.train.steps={steps}",
              "--config.train.log_every=5", "--config.train.eval_every=100000", "--config.train.save_every=100000",
-             "--config.train.eval_batches=1", "--config.train.tensorboard=False", f"--config.model.attention={attention}",
-             *extra]
+             "--config.train.eval_batches=1", "--config.train.tensorboard=False",
+             f"--config.model.attention={attention}", *extra]
 cfg = config_lib.load("experiments/gpt2_small.py", overrides)
 print("\n".join(startup_lines(cfg)), flush=True)
 train(cfg, workdir)
@@ -175,7 +177,8 @@ for name, r in rows.items():
     print(f"{name:22} {r['tokens_per_s']:10,.0f} {mfu:>7} {r['peak_gib']:9.2f}  {r['peak_of']}")
 if len(rows) == 2:
     f, x = rows[fused], rows["xla"]
-    print(f"{fused} / xla: tokens/s {f['tokens_per_s'] / x['tokens_per_s']:.2f}x, peak memory {f['peak_gib'] / x['peak_gib']:.2f}x")
+    print(f"{fused} / xla: tokens/s {f['tokens_per_s'] / x['tokens_per_s']:.2f}x, "
+          f"peak memory {f['peak_gib'] / x['peak_gib']:.2f}x")
 EOF
   grep -hE "perplexity|run directory" "$OUT/default.log" | tail -2
   echo "total: ${TOTAL}s (budget 480 s on one H200)"

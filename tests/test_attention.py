@@ -21,6 +21,13 @@ MI300 = Device("gpu", "AMD Instinct MI300X")  # ROCm: no CUDA compute capability
 TPU = Device("tpu", "TPU v5 lite")
 
 
+@pytest.fixture(autouse=True)
+def _float32_products():
+    """Float32 products in full precision on GPUs too (not TF32), so tolerances hold on every device."""
+    with jax.default_matmul_precision("float32"):
+        yield
+
+
 @pytest.mark.parametrize("device,dtype,head,seq,docs,expected,reason", [
     (CPU, "float32", 32, 128, False, "cpu", "hand-written"),
     (CPU, "bfloat16", 64, 1024, True, "cpu", "hand-written"),
@@ -186,3 +193,23 @@ def test_xla_and_cpu_attention_give_the_same_model_loss_and_gradients():
     np.testing.assert_allclose(results["cpu"][0], results["xla"][0], rtol=1e-5)
     for g, r in zip(jax.tree.leaves(results["cpu"][1]), jax.tree.leaves(results["xla"][1])):
         np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-5)
+
+
+def _platform() -> str:
+    return jax.devices()[0].platform
+
+
+@pytest.mark.skipif(_platform() == "cpu", reason="needs the fused kernel's device: an NVIDIA GPU or a TPU (gpu_check.sh)")
+def test_the_fused_kernel_on_this_device_matches_xla_with_documents_and_grouped_heads():
+    """On the device itself: cuDNN (GPU) or splash (TPU) in bfloat16 against XLA, forward and gradients."""
+    fused = choose("auto", attention.current_device(), "bfloat16", 64, 256, True).implementation
+    assert fused in ("cudnn", "splash"), fused
+    q, k, v, dout = (x.astype(jnp.bfloat16) for x in inputs(256, 4, 2, h=64))
+    seg = documents(2, 256)
+    results = {}
+    for name in (fused, "xla"):
+        f = jax.jit(lambda q, k, v, name=name: attention.causal_attention(q, k, v, seg, name))
+        out, vjp = jax.vjp(f, q, k, v)
+        results[name] = (out, *vjp(dout))
+    for a, b in zip(results[fused], results["xla"]):
+        np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), atol=6e-2, rtol=6e-2)
