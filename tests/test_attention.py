@@ -182,7 +182,7 @@ def test_xla_and_cpu_attention_give_the_same_model_loss_and_gradients():
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, 50)
     seg = documents(2, 24)
     positions = jnp.asarray(np.stack([np.arange(24)] * 2), jnp.int32)
-    params = tiny_model().init(jax.random.PRNGKey(0), tokens)
+    params = jax.jit(tiny_model().init)(jax.random.PRNGKey(0), tokens)
 
     def loss(params, model):
         logits = model.apply(params, tokens, positions, seg)

@@ -108,7 +108,7 @@ def _model_and_inputs(cpu_kernels: bool):
     tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 12), 0, 40)
     segment_ids = jnp.asarray([[1] * 5 + [2] * 7, [1] * 12], jnp.int32)
     positions = jnp.asarray([list(range(5)) + list(range(7)), list(range(12))], jnp.int32)
-    params = model.init(jax.random.PRNGKey(1), tokens)
+    params = jax.jit(model.init)(jax.random.PRNGKey(1), tokens)
     return (lambda p: model.apply(p, tokens, positions, segment_ids)), params
 
 
