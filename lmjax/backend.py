@@ -66,9 +66,12 @@ def unused_gpu_warning(platform: str, gpus: list[str]) -> str | None:
     """One line when nvidia-smi sees a GPU but JAX runs elsewhere (the CPU), with the fix."""
     if platform == "gpu" or not gpus:
         return None
-    fix = ("JAX_PLATFORMS is set to cpu: unset it" if os.environ.get("JAX_PLATFORMS", "").startswith("cpu")
-           else "install JAX's CUDA backend: bash scripts/setup.sh (it picks the cuda12 extra), or "
-                "pip install -c constraints.txt -e '.[cuda12]'")
+    fix = (
+        "JAX_PLATFORMS is set to cpu: unset it"
+        if os.environ.get("JAX_PLATFORMS", "").startswith("cpu")
+        else "install JAX's CUDA backend: bash scripts/setup.sh (it picks the cuda12 extra), or "
+        "pip install -c constraints.txt -e '.[cuda12]'"
+    )
     first = gpus[0].split(" (UUID")[0]
     return f"warning: nvidia-smi sees {len(gpus)} GPU(s) ({first}) but JAX runs on {platform}; {fix}"
 
@@ -83,15 +86,19 @@ def startup_lines(cfg, device=None, gpus: list[str] | None = None) -> list[str]:
 
     device = device or jax.devices()[0]
     where = attention.Device.of(device, jax.device_count())
-    lines = [f"backend: {where.platform}, {jax.device_count()} x {where.kind}"
-             + (f" (compute capability {where.compute_capability})" if where.compute_capability else "")]
+    lines = [
+        f"backend: {where.platform}, {jax.device_count()} x {where.kind}"
+        + (f" (compute capability {where.compute_capability})" if where.compute_capability else "")
+    ]
     if cfg.model.kind == "transformer":
         choice, _ = attention.for_config(cfg, where)
         lines.append(attention.describe(choice, where))
         kernels = attention.hand_written_gradients(cfg.model.cpu_kernels, where)
         if where.platform == "cpu":
-            lines.append(f"CPU kernels (hand-written norm and GELU gradients): {'on' if kernels else 'off'} "
-                         f"(model.cpu_kernels={cfg.model.cpu_kernels})")
+            lines.append(
+                f"CPU kernels (hand-written norm and GELU gradients): {'on' if kernels else 'off'} "
+                f"(model.cpu_kernels={cfg.model.cpu_kernels})"
+            )
     warning = unused_gpu_warning(where.platform, nvidia_gpus() if gpus is None else gpus)
     if warning:
         lines.append(warning)

@@ -36,9 +36,11 @@ def jemalloc() -> str | None:
 
 def settings() -> dict[str, dict[str, str]]:
     """Allocator setting → environment of the worker."""
-    out = {"shim": {"LMJAX_SCRATCH_CACHE": "1"},
-           "glibc": {"LMJAX_SCRATCH_CACHE": "0"},
-           "glibc tunables": {"LMJAX_SCRATCH_CACHE": "0", "GLIBC_TUNABLES": GLIBC_KEEP}}
+    out = {
+        "shim": {"LMJAX_SCRATCH_CACHE": "1"},
+        "glibc": {"LMJAX_SCRATCH_CACHE": "0"},
+        "glibc tunables": {"LMJAX_SCRATCH_CACHE": "0", "GLIBC_TUNABLES": GLIBC_KEEP},
+    }
     lib = jemalloc()
     if lib:
         out["jemalloc"] = {"LD_PRELOAD": lib, "MALLOC_CONF": JEMALLOC_KEEP}
@@ -73,21 +75,28 @@ def main():
     runs = {name: [] for name in chosen}
     if "jemalloc" not in settings():
         print("jemalloc: libjemalloc.so.2 not found (apt-get install libjemalloc2); timing the others")
-    print(f"default experiment's train step, {a.steps} steps per run, {a.rounds} alternating rounds, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"default experiment's train step, {a.steps} steps per run, {a.rounds} alternating rounds, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     for r in range(a.rounds):
         for name, env in chosen.items():
             runs[name].append(timed(env, a.steps))
             print(f"  round {r + 1} {name:15} {runs[name][-1]['step_ms']:7.1f} ms/step", flush=True)
     shim = statistics.median(x["step_ms"] for x in runs["shim"])
-    print(f"{'allocator':15} {'step ms':>8} {'/ shim':>7} {'per round / shim':>20} {'faults/step':>12} "
-          f"{'RSS GiB':>8} {'first loss':>10}")
+    print(
+        f"{'allocator':15} {'step ms':>8} {'/ shim':>7} {'per round / shim':>20} {'faults/step':>12} "
+        f"{'RSS GiB':>8} {'first loss':>10}"
+    )
     for name, rs in runs.items():
         step = statistics.median(x["step_ms"] for x in rs)
         per_round = " ".join(f"{x['step_ms'] / s['step_ms']:.2f}" for x, s in zip(rs, runs["shim"]))
-        print(f"{name:15} {step:8.1f} {step / shim:7.2f} {per_round:>20} "
-              f"{statistics.median(x['faults_per_step'] for x in rs):12.0f} "
-              f"{max(x['peak_rss_gib'] for x in rs):8.2f} {rs[0]['first_loss']:10.6f}")
+        print(
+            f"{name:15} {step:8.1f} {step / shim:7.2f} {per_round:>20} "
+            f"{statistics.median(x['faults_per_step'] for x in rs):12.0f} "
+            f"{max(x['peak_rss_gib'] for x in rs):8.2f} {rs[0]['first_loss']:10.6f}"
+        )
 
 
 if __name__ == "__main__":

@@ -28,23 +28,26 @@ def _float32_products():
         yield
 
 
-@pytest.mark.parametrize("device,dtype,head,seq,docs,expected,reason", [
-    (CPU, "float32", 32, 128, False, "cpu", "hand-written"),
-    (CPU, "bfloat16", 64, 1024, True, "cpu", "hand-written"),
-    (H200, "bfloat16", 64, 1024, True, "cudnn", "H200"),
-    (H200, "bfloat16", 256, 1024, False, "cudnn", "H200"),  # Hopper: head sizes up to 256
-    (A100, "bfloat16", 128, 1024, False, "cudnn", "A100"),
-    (A100, "bfloat16", 256, 1024, False, "xla", "up to 128"),
-    (H200, "float32", 64, 1024, False, "xla", "model.dtype=float32"),
-    (H200, "bfloat16", 60, 1024, False, "xla", "multiple of 8"),
-    (H200, "bfloat16", 64, 1023, True, "xla", "data.seq_len=1023"),
-    (V100, "bfloat16", 64, 1024, False, "xla", "compute capability 8.0"),
-    (MI300, "bfloat16", 64, 1024, False, "xla", "NVIDIA"),
-    (TPU, "bfloat16", 64, 1024, True, "splash", "TPU v5 lite"),
-    (TPU, "float32", 64, 1000, False, "xla", "multiple of 128"),
-    (Device("tpu", "TPU v5 lite", count=8), "bfloat16", 64, 1024, False, "xla", "8 chips"),
-    (Device("METAL", "Apple M3"), "float32", 64, 128, False, "xla", "no fused kernel"),
-])
+@pytest.mark.parametrize(
+    "device,dtype,head,seq,docs,expected,reason",
+    [
+        (CPU, "float32", 32, 128, False, "cpu", "hand-written"),
+        (CPU, "bfloat16", 64, 1024, True, "cpu", "hand-written"),
+        (H200, "bfloat16", 64, 1024, True, "cudnn", "H200"),
+        (H200, "bfloat16", 256, 1024, False, "cudnn", "H200"),  # Hopper: head sizes up to 256
+        (A100, "bfloat16", 128, 1024, False, "cudnn", "A100"),
+        (A100, "bfloat16", 256, 1024, False, "xla", "up to 128"),
+        (H200, "float32", 64, 1024, False, "xla", "model.dtype=float32"),
+        (H200, "bfloat16", 60, 1024, False, "xla", "multiple of 8"),
+        (H200, "bfloat16", 64, 1023, True, "xla", "data.seq_len=1023"),
+        (V100, "bfloat16", 64, 1024, False, "xla", "compute capability 8.0"),
+        (MI300, "bfloat16", 64, 1024, False, "xla", "NVIDIA"),
+        (TPU, "bfloat16", 64, 1024, True, "splash", "TPU v5 lite"),
+        (TPU, "float32", 64, 1000, False, "xla", "multiple of 128"),
+        (Device("tpu", "TPU v5 lite", count=8), "bfloat16", 64, 1024, False, "xla", "8 chips"),
+        (Device("METAL", "Apple M3"), "float32", 64, 128, False, "xla", "no fused kernel"),
+    ],
+)
 def test_auto_takes_the_fused_kernel_where_it_can_run(device, dtype, head, seq, docs, expected, reason):
     choice = choose("auto", device, dtype, head, seq, docs)
     assert choice.implementation == expected
@@ -56,16 +59,19 @@ def test_auto_on_cpu_without_the_cpu_kernels_is_plain_xla():
     assert choice.implementation == "xla" and "model.cpu_kernels=False" in choice.reason
 
 
-@pytest.mark.parametrize("requested,device,dtype,head,seq,words", [
-    ("cudnn", CPU, "bfloat16", 64, 128, "needs an NVIDIA GPU"),
-    ("cudnn", H200, "float32", 64, 128, "bfloat16 or float16"),
-    ("cudnn", A100, "bfloat16", 256, 128, "up to 128"),
-    ("cudnn", V100, "bfloat16", 64, 128, "compute capability"),
-    ("splash", H200, "bfloat16", 64, 128, "needs a TPU"),
-    ("splash", TPU, "bfloat16", 64, 200, "multiple of 128"),
-    ("cpu", TPU, "bfloat16", 64, 128, "written for the CPU"),
-    ("flash", CPU, "float32", 64, 128, "choose one of auto, xla, cudnn, splash, cpu"),
-])
+@pytest.mark.parametrize(
+    "requested,device,dtype,head,seq,words",
+    [
+        ("cudnn", CPU, "bfloat16", 64, 128, "needs an NVIDIA GPU"),
+        ("cudnn", H200, "float32", 64, 128, "bfloat16 or float16"),
+        ("cudnn", A100, "bfloat16", 256, 128, "up to 128"),
+        ("cudnn", V100, "bfloat16", 64, 128, "compute capability"),
+        ("splash", H200, "bfloat16", 64, 128, "needs a TPU"),
+        ("splash", TPU, "bfloat16", 64, 200, "multiple of 128"),
+        ("cpu", TPU, "bfloat16", 64, 128, "written for the CPU"),
+        ("flash", CPU, "float32", 64, 128, "choose one of auto, xla, cudnn, splash, cpu"),
+    ],
+)
 def test_an_explicit_choice_the_device_cannot_run_is_a_config_error(requested, device, dtype, head, seq, words):
     with pytest.raises(UserError) as e:
         choose(requested, device, dtype, head, seq)
@@ -115,8 +121,10 @@ def inputs(t, heads, kv_heads, h=32, b=2, seed=0):
 
 def documents(b, t):
     """Three documents per row, of unequal lengths, boundaries not on block edges; row 1 shifted."""
-    rows = [np.searchsorted([t // 3 + 7, 2 * t // 3 + 20], np.arange(t), side="right") + 1,
-            np.searchsorted([t // 5, t // 2 + 3], np.arange(t), side="right") + 1]
+    rows = [
+        np.searchsorted([t // 3 + 7, 2 * t // 3 + 20], np.arange(t), side="right") + 1,
+        np.searchsorted([t // 5, t // 2 + 3], np.arange(t), side="right") + 1,
+    ]
     return jnp.asarray(np.stack(rows[:b]), jnp.int32)
 
 
@@ -156,17 +164,27 @@ def test_splash_attention_without_documents_in_interpret_mode():
 
 
 def tiny_model(**kw) -> Transformer:
-    return Transformer(TransformerConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                                         d_ff=64, max_len=128, **kw))
+    return Transformer(
+        TransformerConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_len=128, **kw)
+    )
 
 
-@pytest.mark.parametrize("device,attention_setting,expected", [
-    (CPU, "auto", "cpu"), (CPU, "xla", "xla"), (H200, "auto", "xla"),  # float32 model: no cuDNN
-    (H200, "cudnn", None), (TPU, "auto", "splash"), (TPU, "splash", "splash")])
+@pytest.mark.parametrize(
+    "device,attention_setting,expected",
+    [
+        (CPU, "auto", "cpu"),
+        (CPU, "xla", "xla"),
+        (H200, "auto", "xla"),  # float32 model: no cuDNN
+        (H200, "cudnn", None),
+        (TPU, "auto", "splash"),
+        (TPU, "splash", "splash"),
+    ],
+)
 def test_the_model_traces_the_implementation_chosen_for_its_device(monkeypatch, device, attention_setting, expected):
     taken = []
-    monkeypatch.setattr(attention, "causal_attention",
-                        lambda q, k, v, seg, implementation: taken.append(implementation) or q)
+    monkeypatch.setattr(
+        attention, "causal_attention", lambda q, k, v, seg, implementation: taken.append(implementation) or q
+    )
     model = tiny_model(attention=attention_setting)
     tokens = jnp.zeros((1, 128 if device.platform == "tpu" else 16), jnp.int32)
     with attention.compiling_for(device):
@@ -199,7 +217,9 @@ def _platform() -> str:
     return jax.devices()[0].platform
 
 
-@pytest.mark.skipif(_platform() == "cpu", reason="needs the fused kernel's device: an NVIDIA GPU or a TPU (gpu_check.sh)")
+@pytest.mark.skipif(
+    _platform() == "cpu", reason="needs the fused kernel's device: an NVIDIA GPU or a TPU (gpu_check.sh)"
+)
 def test_the_fused_kernel_on_this_device_matches_xla_with_documents_and_grouped_heads():
     """On the device itself: cuDNN (GPU) or splash (TPU) in bfloat16 against XLA, forward and gradients."""
     fused = choose("auto", attention.current_device(), "bfloat16", 64, 256, True).implementation

@@ -18,32 +18,56 @@ ROOT = Path(__file__).resolve().parents[1]
 GPU_PLUGINS = ["jax-cuda12-pjrt", "jax-cuda12-plugin"]
 
 
-@pytest.mark.parametrize("environ,plugins,files,expected", [
-    ({}, [], set(), "cpu"),
-    ({}, GPU_PLUGINS, {"gpu"}, "gpu"),
-    ({}, GPU_PLUGINS, set(), "cpu"),  # the CUDA plugin installed on a machine without a GPU
-    ({}, ["libtpu"], {"tpu"}, "tpu"),
-    ({"JAX_PLATFORMS": "cpu"}, GPU_PLUGINS, {"gpu"}, "cpu"),  # the user's choice wins
-    ({"JAX_PLATFORMS": "cuda,cpu"}, [], set(), "gpu"),
-    ({"JAX_PLATFORMS": "tpu"}, [], set(), "tpu"),
-])
+@pytest.mark.parametrize(
+    "environ,plugins,files,expected",
+    [
+        ({}, [], set(), "cpu"),
+        ({}, GPU_PLUGINS, {"gpu"}, "gpu"),
+        ({}, GPU_PLUGINS, set(), "cpu"),  # the CUDA plugin installed on a machine without a GPU
+        ({}, ["libtpu"], {"tpu"}, "tpu"),
+        ({"JAX_PLATFORMS": "cpu"}, GPU_PLUGINS, {"gpu"}, "cpu"),  # the user's choice wins
+        ({"JAX_PLATFORMS": "cuda,cpu"}, [], set(), "gpu"),
+        ({"JAX_PLATFORMS": "tpu"}, [], set(), "tpu"),
+    ],
+)
 def test_expected_platform_without_starting_jax(environ, plugins, files, expected):
     assert backend.expected_platform(environ, plugins, lambda platform: platform in files) == expected
 
 
 def test_installed_plugins_are_the_accelerator_backends_only():
-    names = ["jax", "jaxlib", "flax", "jax-cuda12-plugin", "jax_cuda13_pjrt", "jax-rocm7-plugin", "libtpu",
-             "libtpu-nightly", "jax-tpu-embedding", "jaxtyping"]
-    assert backend.installed_plugins(names) == ["jax-cuda12-plugin", "jax-rocm7-plugin", "jax_cuda13_pjrt", "libtpu",
-                                                "libtpu-nightly"]
-    assert set(backend.installed_plugins()) <= {"jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin",
-                                                 "jax-cuda13-pjrt", "libtpu"}
+    names = [
+        "jax",
+        "jaxlib",
+        "flax",
+        "jax-cuda12-plugin",
+        "jax_cuda13_pjrt",
+        "jax-rocm7-plugin",
+        "libtpu",
+        "libtpu-nightly",
+        "jax-tpu-embedding",
+        "jaxtyping",
+    ]
+    assert backend.installed_plugins(names) == [
+        "jax-cuda12-plugin",
+        "jax-rocm7-plugin",
+        "jax_cuda13_pjrt",
+        "libtpu",
+        "libtpu-nightly",
+    ]
+    assert set(backend.installed_plugins()) <= {
+        "jax-cuda12-plugin",
+        "jax-cuda12-pjrt",
+        "jax-cuda13-plugin",
+        "jax-cuda13-pjrt",
+        "libtpu",
+    }
 
 
 def test_nvidia_smi_listing_and_the_unused_gpu_warning(monkeypatch):
     monkeypatch.setattr(backend.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
-    listing = types.SimpleNamespace(returncode=0,
-                                    stdout="GPU 0: NVIDIA H200 (UUID: GPU-1)\nGPU 1: NVIDIA H200 (UUID: GPU-2)\n")
+    listing = types.SimpleNamespace(
+        returncode=0, stdout="GPU 0: NVIDIA H200 (UUID: GPU-1)\nGPU 1: NVIDIA H200 (UUID: GPU-2)\n"
+    )
     gpus = backend.nvidia_gpus(run=lambda *a, **k: listing)
     assert gpus == ["GPU 0: NVIDIA H200 (UUID: GPU-1)", "GPU 1: NVIDIA H200 (UUID: GPU-2)"]
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
@@ -70,8 +94,15 @@ def test_startup_lines_name_the_backend_the_attention_and_the_cpu_kernels():
 
 
 def test_train_refuses_an_attention_the_device_cannot_run_in_one_line(capsys, tmp_path):
-    code = cli.main(["train", str(ROOT / "experiments" / "tiny.py"), "--workdir", str(tmp_path / "run"),
-                     "--config.model.attention=cudnn"])
+    code = cli.main(
+        [
+            "train",
+            str(ROOT / "experiments" / "tiny.py"),
+            "--workdir",
+            str(tmp_path / "run"),
+            "--config.model.attention=cudnn",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("lmjax: error: model.attention=cudnn cannot run here") and "\n" not in err
@@ -83,13 +114,20 @@ def setup_dry_run(tmp_path, cuda_version: str | None, *extras: str, **env) -> st
     bin_dir.mkdir(parents=True, exist_ok=True)
     if cuda_version:  # a stand-in for the driver's tool, as on a GPU machine
         smi = bin_dir / "nvidia-smi"
-        smi.write_text("#!/bin/sh\nif [ \"$1\" = -L ]; then echo 'GPU 0: NVIDIA H200 (UUID: GPU-1)'; exit 0; fi\n"
-                       f"echo '| NVIDIA-SMI 580.1  Driver Version: 580.1  CUDA Version: {cuda_version} |'\n")
+        smi.write_text(
+            "#!/bin/sh\nif [ \"$1\" = -L ]; then echo 'GPU 0: NVIDIA H200 (UUID: GPU-1)'; exit 0; fi\n"
+            f"echo '| NVIDIA-SMI 580.1  Driver Version: 580.1  CUDA Version: {cuda_version} |'\n"
+        )
         smi.chmod(0o755)
     path = f"{bin_dir}:/usr/bin:/bin"  # nothing else that could look like an accelerator
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh"), *extras], capture_output=True, text=True,
-                       check=False, env={"PATH": path, "HOME": os.environ.get("HOME", "/tmp"), "LMJAX_SETUP_DRY_RUN": "1", **env},
-                       timeout=60)
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "setup.sh"), *extras],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": path, "HOME": os.environ.get("HOME", "/tmp"), "LMJAX_SETUP_DRY_RUN": "1", **env},
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -133,7 +171,14 @@ def test_the_scratch_allocator_loads_only_for_cpu_runs(platforms, loaded):
     if not scratch_cache.usable():
         pytest.skip("needs Linux, glibc, a C compiler, no LD_PRELOAD")
     code = "from lmjax import scratch_cache as s; s.use_in_this_process(); print(s.active())"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
-                       env={**os.environ, "JAX_PLATFORMS": platforms, "PYTHONPATH": str(ROOT)})
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+        env={**os.environ, "JAX_PLATFORMS": platforms, "PYTHONPATH": str(ROOT)},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == [loaded]

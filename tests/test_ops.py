@@ -53,8 +53,8 @@ def test_gelu_matches_autodiff_and_float64():
     np.testing.assert_array_equal(out, ref_out)
     # The exact derivative in float64: ours is as close to it as autodiff's (float32 tanh near ±1).
     x64, c = np.asarray(x, np.float64), np.sqrt(2 / np.pi)
-    t = np.tanh(c * (x64 + 0.044715 * x64 ** 3))
-    exact = np.asarray(dy, np.float64) * (0.5 * (1 + t) + 0.5 * x64 * (1 - t * t) * c * (1 + 3 * 0.044715 * x64 ** 2))
+    t = np.tanh(c * (x64 + 0.044715 * x64**3))
+    exact = np.asarray(dy, np.float64) * (0.5 * (1 + t) + 0.5 * x64 * (1 - t * t) * c * (1 + 3 * 0.044715 * x64**2))
     ours_err, autodiff_err = np.abs(grad - exact).max(), np.abs(autodiff - exact).max()
     assert ours_err < 1e-5 and ours_err <= 1.5 * autodiff_err, (ours_err, autodiff_err)
 
@@ -63,10 +63,18 @@ def reference_attention(q, k, v, mask):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
 
 
-@pytest.mark.parametrize("t,heads,kv_heads,segments", [
-    (12, 4, 4, False), (12, 4, 4, True), (12, 4, 2, True), (12, 4, 1, False),
-    # from 2 * QUERY_BLOCK queries on, query blocks: 2 even ones, 3 uneven ones with documents
-    (2 * ops.QUERY_BLOCK, 2, 2, False), (3 * ops.QUERY_BLOCK + 5, 4, 2, True)])
+@pytest.mark.parametrize(
+    "t,heads,kv_heads,segments",
+    [
+        (12, 4, 4, False),
+        (12, 4, 4, True),
+        (12, 4, 2, True),
+        (12, 4, 1, False),
+        # from 2 * QUERY_BLOCK queries on, query blocks: 2 even ones, 3 uneven ones with documents
+        (2 * ops.QUERY_BLOCK, 2, 2, False),
+        (3 * ops.QUERY_BLOCK + 5, 4, 2, True),
+    ],
+)
 def test_causal_attention_matches_reference(t, heads, kv_heads, segments):
     b, h = 2, 8
     k = jax.random.split(jax.random.PRNGKey(1), 4)
@@ -103,8 +111,11 @@ def test_causal_attention_bfloat16_close_to_float32(t):
 def _model_and_inputs(cpu_kernels: bool):
     from lmjax.models.transformer import Transformer, TransformerConfig
 
-    model = Transformer(TransformerConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32,
-                                          max_len=12, cpu_kernels=cpu_kernels))  # LayerNorm and GELU: both have kernels
+    model = Transformer(
+        TransformerConfig(
+            vocab_size=40, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32, max_len=12, cpu_kernels=cpu_kernels
+        )
+    )  # LayerNorm and GELU: both have kernels
     tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 12), 0, 40)
     segment_ids = jnp.asarray([[1] * 5 + [2] * 7, [1] * 12], jnp.int32)
     positions = jnp.asarray([list(range(5)) + list(range(7)), list(range(12))], jnp.int32)

@@ -116,8 +116,15 @@ def cpu_obstacle(device: Device) -> str:
     return "" if device.platform == "cpu" else f"it is written for the CPU (this is {device.platform}: {device.kind})"
 
 
-def choose(requested: str, device: Device, dtype: str, head_dim: int, seq_len: int,
-           document_mask: bool = False, cpu_kernels: bool = True) -> Choice:
+def choose(
+    requested: str,
+    device: Device,
+    dtype: str,
+    head_dim: int,
+    seq_len: int,
+    document_mask: bool = False,
+    cpu_kernels: bool = True,
+) -> Choice:
     """The implementation `model.attention=requested` takes on `device`, and why.
 
     Raises UserError when an explicit choice cannot run there (never a silent fallback)."""
@@ -132,8 +139,9 @@ def choose(requested: str, device: Device, dtype: str, head_dim: int, seq_len: i
     if requested != "auto":
         why_not = obstacles[requested]()
         if why_not:
-            raise UserError(f"model.attention={requested} cannot run here: {why_not}; "
-                            "set --config.model.attention=auto (or xla)")
+            raise UserError(
+                f"model.attention={requested} cannot run here: {why_not}; set --config.model.attention=auto (or xla)"
+            )
         return Choice(requested, "chosen by model.attention")
     if device.platform == "cpu":
         if cpu_kernels:
@@ -163,8 +171,14 @@ def document_mask_Bx1xTxS(segment_ids_BxT: Array | None) -> Array | None:
     return (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
 
 
-def causal_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, segment_ids_BxT: Array | None,
-                     implementation: str, interpret: bool = False) -> Array:
+def causal_attention(
+    q_BxTxNxH: Array,
+    k_BxTxKxH: Array,
+    v_BxTxKxH: Array,
+    segment_ids_BxT: Array | None,
+    implementation: str,
+    interpret: bool = False,
+) -> Array:
     """Causal softmax attention with the named implementation (not 'auto': see `choose`).
 
     Queries attend only to keys of their own segment (document) when segment ids are given;
@@ -177,8 +191,9 @@ def causal_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, segme
         return ops.causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask)
     if implementation in ("xla", "cudnn"):
         # cuDNN takes the document mask as an additive B x 1 x T x S bias: one per row, never per head.
-        return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask, is_causal=True,
-                                            implementation=implementation)
+        return jax.nn.dot_product_attention(
+            q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask, is_causal=True, implementation=implementation
+        )
     raise ValueError(f"unknown attention implementation '{implementation}'")
 
 
@@ -187,14 +202,23 @@ def _splash_kernel(seq_len: int, heads: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     block = 512 if seq_len % 512 == 0 else SPLASH_BLOCK
-    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    sizes = splash.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
     mask = splash.MultiHeadMask([splash.CausalMask((seq_len, seq_len)) for _ in range(heads)])
     return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def splash_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, segment_ids_BxT: Array | None,
-                     interpret: bool = False) -> Array:
+def splash_attention(
+    q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, segment_ids_BxT: Array | None, interpret: bool = False
+) -> Array:
     """Pallas splash attention (TPU): the kernel works per sequence on N,T,H; vmapped over the batch."""
     from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
 
@@ -208,7 +232,8 @@ def splash_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, segme
     else:
         seg = segment_ids_BxT.astype(jnp.int32)
         out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=SegmentIds(q=s, kv=s)))(
-            q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, seg)
+            q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, seg
+        )
     return out.transpose(0, 2, 1, 3).astype(q_BxTxNxH.dtype)
 
 
@@ -225,6 +250,6 @@ def for_config(cfg, device: Device | None = None) -> tuple[Choice, Device]:
     """The choice for a full experiment config (the `model` and `data` sections) on `device`."""
     device = device or current_device()
     m = cfg.model
-    return choose(m.attention, device, m.dtype, head_dim_of(m), cfg.data.seq_len, cfg.data.document_mask,
-                  m.cpu_kernels), device
-
+    return choose(
+        m.attention, device, m.dtype, head_dim_of(m), cfg.data.seq_len, cfg.data.document_mask, m.cpu_kernels
+    ), device

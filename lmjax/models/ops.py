@@ -39,6 +39,7 @@ MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 # ---------------------------------------------------------------------------------------- norm
 
+
 def plain_norm(x_BxTxD: Array, scale_D: Array, bias_D: Array | None, eps: float, center: bool) -> Array:
     """`norm` without the hand-written gradient: plain JAX, differentiable in both modes."""
     return _norm_forward(x_BxTxD, scale_D, bias_D, eps, center)[0]
@@ -113,10 +114,12 @@ gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 # ----------------------------------------------------------------------------------- attention
 
+
 def _dot(a, b, contract_a: int, contract_b: int) -> Array:
     """Batched matmul over the two leading axes, accumulated in float32."""
-    return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((0, 1), (0, 1))),
-                               preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(
+        a, b, (((contract_a,), (contract_b,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32
+    )
 
 
 def _queries_by_kv_head(q_BxTxNxH: Array, kv_heads: int) -> Array:
@@ -177,8 +180,7 @@ QUERY_BLOCK = 128
 MAX_QUERY_BLOCKS = 8  # 7/16 of the products skipped at 8; more blocks only grow the program
 
 
-def causal_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
-                     mask_Bx1xTxS: Array | None = None) -> Array:
+def causal_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_Bx1xTxS: Array | None = None) -> Array:
     """Causal softmax attention, as jax.nn.dot_product_attention(..., is_causal=True), with the
     hand-written gradient (for the CPU: lmjax.models.attention chooses where it runs).
 
@@ -195,5 +197,10 @@ def causal_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
         return _attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, causal, scale)
     blocks = min(t // QUERY_BLOCK, MAX_QUERY_BLOCKS)
     bounds = [(j * t // blocks, (j + 1) * t // blocks) for j in range(blocks)]
-    return jnp.concatenate([_attention(q_BxTxNxH[:, lo:hi], k_BxSxKxH[:, :hi], v_BxSxKxH[:, :hi],
-                                       causal[:, :, lo:hi, :hi], scale) for lo, hi in bounds], axis=1)
+    return jnp.concatenate(
+        [
+            _attention(q_BxTxNxH[:, lo:hi], k_BxSxKxH[:, :hi], v_BxSxKxH[:, :hi], causal[:, :, lo:hi, :hi], scale)
+            for lo, hi in bounds
+        ],
+        axis=1,
+    )
