@@ -136,7 +136,7 @@ mfu = [r["mfu"] for r in timed if "mfu" in r]
 print("RESULT " + json.dumps({
     "attention": attention, "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
     "mfu": statistics.median(mfu) if mfu else None, "peak_gib": peak / 2**30,
-    "peak_of": "device" if stats else "process RSS", "loss": records[-1].get("loss")}))
+    "peak_of": "device" if stats else "process RSS", "loss": [r["loss"] for r in records if "loss" in r][-1]}))
 EOF
 }
 step "gpt2_small_$FUSED" attention_run "$FUSED"
