@@ -18,12 +18,13 @@ def schedule(optim, total_steps: int) -> optax.Schedule:
     if optim.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
             0.0 if warm else optim.lr, optim.lr, warm, max(total_steps, warm + 1), optim.lr * optim.min_lr_ratio)
-    phases, boundaries = [optax.linear_schedule(0.0, optim.lr, warm)] if warm else [], [warm] if warm else []
+    phases = [optax.linear_schedule(0.0, optim.lr, warm)] if warm else []
+    boundaries = [warm] if warm else []
     phases.append(optax.constant_schedule(optim.lr))
     if optim.schedule == "step":
         if optim.decay_start < warm:
-            raise UserError(f"optim.decay_start={optim.decay_start} falls inside the warmup (optim.warmup_steps={warm}); "
-                            f"set optim.decay_start >= {warm} or lower optim.warmup_steps")
+            raise UserError(f"optim.decay_start={optim.decay_start} falls inside the warmup "
+                            f"(optim.warmup_steps={warm}); set optim.decay_start >= {warm} or lower optim.warmup_steps")
         if optim.decay_every < 1:
             raise UserError(f"optim.decay_every={optim.decay_every} must be at least 1")
         # join_schedules hands each phase the steps since its boundary: the decay counts from decay_start.
@@ -46,8 +47,8 @@ def schedule_on_resume(saved_optim, saved_steps: int, optim, steps: int, step: i
     before = float(schedule(saved_optim, saved_steps)(step))
     after = float(schedule(optim, steps)(step))
     if optim.schedule == "cosine":
-        return [f"train.steps {saved_steps} -> {steps}: the cosine decay now ends at step {steps} (the schedule follows "
-                f"the current train.steps); lr at step {step}: {before:.4g} -> {after:.4g}"]
+        return [f"train.steps {saved_steps} -> {steps}: the cosine decay now ends at step {steps} "
+                f"(the schedule follows the current train.steps); lr at step {step}: {before:.4g} -> {after:.4g}"]
     return [f"train.steps {saved_steps} -> {steps}: the {optim.schedule} schedule does not depend on train.steps; "
             f"lr at step {step}: {before:.4g} -> {after:.4g}"]
 
