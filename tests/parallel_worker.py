@@ -202,7 +202,7 @@ def case_layouts(args):
     # Dropout 0.1: the mesh layouts draw the same masks as one device; pmap draws each device's
     # rows' masks from fold_in(rng, device index), so its dropout differs (equally valid masks).
     out["dropout_rel"] = {}
-    for name in ("single", "data8", "fsdp8", "data2_fsdp2_tensor2", "pmap"):
+    for name in ("single", "data8", "data2_fsdp2_tensor2", "pmap"):
         figures = train_state_figures(tiny_mesh_config(**layouts[name], **strict, **{"model.dropout": 0.1}), 3)[0]
         if name == "single":
             reference = figures

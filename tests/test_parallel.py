@@ -78,7 +78,7 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def layouts(cache):
-    return run_worker("layouts", {}, 8, cache)
+    return run_worker("layouts", {}, 8, cache, timeout=1800)  # about 15 step programs to compile
 
 
 STATE_TOL = 1e-5  # relative (norm of the difference / norm) for gradients, parameters and moments
@@ -121,7 +121,7 @@ def test_dropout_is_the_same_on_every_mesh_layout(layouts):
     threefry: random bits do not depend on the sharding). pmap folds each device's index into
     the key (lmjax.train.step), so its masks, and so its losses, differ: a documented property."""
     rel = layouts["dropout_rel"]
-    for name in ("data8", "fsdp8", "data2_fsdp2_tensor2"):
+    for name in ("data8", "data2_fsdp2_tensor2"):
         # After step 1 as without dropout (2e-7); after 3 Adam steps the state differed by up to
         # 4.8e-5 (data8; 2e-7 without dropout) while the losses agreed to 3e-6: the masks are the
         # same (other masks move the state by 4e-2, pmap below), Adam's normalisation enlarges
