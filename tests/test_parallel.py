@@ -84,18 +84,18 @@ def layouts(cache):
 STATE_TOL = 1e-5  # relative (norm of the difference / norm) for gradients, parameters and moments
 
 
-def assert_same_run(name: str, rel: dict, after_3_steps: float = STATE_TOL) -> None:
-    """Gradient, parameters and Adam's second moment after step 1, the same and the first moment
-    after step 3, dropout RNG, counters and the losses of one layout against one device: float32
-    reductions in another order, nothing more."""
+def assert_same_run(name: str, rel: dict, adam_tol: float = STATE_TOL) -> None:
+    """Gradient and Adam's second moment after step 1, parameters after steps 1 and 3, both
+    moments after step 3, dropout RNG, counters and the losses of one layout against one device:
+    float32 reductions in another order, nothing more. `adam_tol` bounds what Adam's update moved."""
     print(f"layout {name}: " + ", ".join(f"{k} {v:.1e}" for k, v in rel.items() if k != "counters_equal"))
     assert rel["counters_equal"], name
     assert rel["rng"] == 0, name
     assert rel["losses"] < TOL, (name, rel)
-    for key in ("grad", "params1", "nu1"):
+    for key in ("grad", "nu1"):
         assert rel[key] < STATE_TOL, (name, key, rel)
-    for key in ("params", "mu", "nu"):
-        assert rel[key] < after_3_steps, (name, key, rel)
+    for key in ("params1", "params", "mu", "nu"):
+        assert rel[key] < adam_tol, (name, key, rel)
 
 
 @pytest.mark.slow
@@ -122,11 +122,12 @@ def test_dropout_is_the_same_on_every_mesh_layout(layouts):
     the key (lmjax.train.step), so its masks, and so its losses, differ: a documented property."""
     rel = layouts["dropout_rel"]
     for name in ("data8", "data2_fsdp2_tensor2"):
-        # After step 1 as without dropout (2e-7); after 3 Adam steps the state differed by up to
-        # 4.8e-5 (data8; 2e-7 without dropout) while the losses agreed to 3e-6: the masks are the
-        # same (other masks move the state by 4e-2, pmap below), Adam's normalisation enlarges
-        # reduction-order noise. Why dropout enlarges it more is not pinned down: bound 1e-4.
-        assert_same_run(f"{name} dropout 0.1", rel[name], after_3_steps=1e-4)
+        # Gradient and second moment after step 1 agree to 2e-7, as without dropout (the same
+        # masks; other masks move them by 3e-1, pmap below); the parameters after step 1 by up to
+        # 2.1e-5 (data8). Adam's first update is lr * g / (|g| + eps), about lr * sign(g): entries
+        # that are zero in exact arithmetic (more of them behind dropped activations) hold float
+        # noise whose sign the reduction order sets, and move by +-lr. Bound 1e-4 on what Adam moved.
+        assert_same_run(f"{name} dropout 0.1", rel[name], adam_tol=1e-4)
     print(f"pmap dropout 0.1: max loss difference from one device {rel['pmap']['losses']:.2e}")
     assert rel["pmap"]["losses"] > 1e-3 and rel["pmap"]["rng"] == 0
 
