@@ -67,7 +67,7 @@ def format_report(name: str, r: dict) -> str:
         f"  tokens predicted   {r['tokens']:,}",
         f"  bytes predicted    {r['bytes']:,}",
         f"  nats/token         {r['nats_per_token']:.4f}",
-        f"  perplexity         {r['perplexity']:.4f}   (95% CI over documents {lo:.4f} – {hi:.4f})",
+        f"  perplexity         {r['perplexity']:.4f}   (95% CI {r['ci95_over']} {lo:.4f} – {hi:.4f})",
         f"  bits/token         {r['bits_per_token']:.4f}",
         f"  bits/byte          {r['bits_per_byte']:.4f}",
     ])

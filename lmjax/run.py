@@ -27,7 +27,7 @@ from lmjax.checkpoint import Checkpoints
 from lmjax.data.tokenizers import Tokenizer, load_tokenizer
 from lmjax.errors import UserError
 from lmjax.models import build_model
-from lmjax.train.optimizer import build_optimizer
+from lmjax.train.optimizer import build_optimizer, schedule_on_resume
 from lmjax.train.parallel import MeshParallel, Parallel, build_parallel, mesh_config
 from lmjax.train.step import TrainState, create_state
 
@@ -158,7 +158,7 @@ def check_resume(cfg, ckpts: Checkpoints, step: int, log: Callable[[str], None])
             f"cannot resume from step {step}: the config changes the model or data "
             f"({'; '.join(refused)}); undo these changes or train in a new --workdir"
         )
-    for line in allowed:
+    for line in allowed + schedule_on_resume(saved.optim, saved.train.steps, cfg.optim, cfg.train.steps, step):
         log(f"resume: config change allowed: {line}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import sysconfig
 import tempfile
@@ -14,9 +15,19 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Many tests (and their subprocesses) compile the same tiny programs: share the compiled
-# executables through JAX's persistent cache. Set before JAX is imported anywhere.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "lmjax-test-jax-cache"))
+# executables through JAX's persistent cache, in a folder of this pytest run alone (removed at
+# its end), so that no earlier run, other checkout or other user hands its executables to this
+# one. Set before JAX is imported anywhere.
+# Subprocesses (and experiment files that import this module) inherit the folder.
+OWN_JAX_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    OWN_JAX_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lmjax-test-jax-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+def pytest_unconfigure(config):
+    if OWN_JAX_CACHE:
+        shutil.rmtree(OWN_JAX_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -82,13 +82,80 @@ def spec_of(x) -> list:
     return [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
 
 
-def case_layouts(args):
-    """#1 losses per layout, #7 bytes per device under fsdp=8, what tensor=8 gathers,
-    #2 accumulation, #3 bfloat16."""
+def adam_moments(opt_state):
+    """The ScaleByAdamState inside an optax chain (wherever clipping or masking put it)."""
+    import jax
+    import optax
+
+    (adam,) = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+               if isinstance(x, optax.ScaleByAdamState)]
+    return adam
+
+
+def flat(tree, parallel=None):
+    """Every leaf of a pytree as one float64 vector, fetched from the devices (under pmap, the
+    first device's copy of the replicated state)."""
     import jax
     import numpy as np
 
-    out = {"devices": jax.device_count(), "losses": {}, "specs": {}, "shard_shapes": {}}
+    host = parallel.fetch(tree) if parallel is not None and parallel.kind == "pmap" else jax.device_get(tree)
+    return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(host)])
+
+
+def rel(a, b) -> float:
+    import numpy as np
+
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def reference_gradient(cfg):
+    """The gradient at the initial parameters of the mean next-token loss over the global batch
+    of step 0, written without lmjax.train.step (plain jax.grad of optax's mean cross-entropy,
+    one device, dropout off)."""
+    import jax
+    import optax
+
+    run, parallel, state, _, batches = build(cfg)
+    batch = batches(0)
+
+    def mean_loss(params):
+        logits = run.model.apply({"params": params}, batch["inputs"], positions_BxT=batch.get("positions"),
+                                 segment_ids_BxT=batch.get("segment_ids"), deterministic=True)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+
+    return flat(jax.jit(jax.grad(mean_loss))(jax.device_get(state.params)))  # float32, as the step
+
+
+def train_state_figures(cfg, steps: int, parallel=None) -> dict:
+    """Losses of `steps` AdamW steps, the gradient, parameters and second moment after step 1
+    (Adam's first moment after one step is (1 - b1) * gradient) and the whole state after the
+    last step, as flat vectors."""
+    run, parallel, state, step_fn, batches = build(cfg, parallel)
+    out = {"losses": []}
+    for s in range(steps):
+        state, m = step_fn(state, parallel.put_batch(batches(s)))
+        out["losses"].append(float(parallel.fetch(m)["loss"]))
+        if s == 0:
+            out["grad"] = flat(adam_moments(state.opt_state).mu, parallel) / (1 - cfg.optim.b1)
+            out["params1"], out["nu1"] = flat(state.params, parallel), flat(adam_moments(state.opt_state).nu, parallel)
+    adam = adam_moments(state.opt_state)
+    out.update(params=flat(state.params, parallel), mu=flat(adam.mu, parallel), nu=flat(adam.nu, parallel),
+               rng=flat(state.rng, parallel),
+               counters=[int(flat(adam.count, parallel)[0]), int(flat(state.step, parallel)[0])])
+    return out, state, run, parallel
+
+
+def case_layouts(args):
+    """#1 losses, gradients, parameters, optimizer moments and dropout RNG per layout, #7 bytes
+    per device under fsdp=8, what tensor=8 gathers, #2 accumulation, #3 bfloat16.
+
+    Clipping is off (a global-norm clip and Adam both damp a uniform scale error of the
+    gradient) and the model has no biases (the attention key bias has a zero gradient, and Adam
+    turns its float noise into full-size steps: parameters would differ by ~lr per step).
+    """
+    import jax
+
+    out = {"devices": jax.device_count(), "losses": {}, "specs": {}, "shard_shapes": {}, "state_rel": {}}
     layouts = {
         "single": {"parallel.strategy": "single"},
         "pmap": {"parallel.strategy": "pmap"},
@@ -96,19 +163,32 @@ def case_layouts(args):
         "fsdp8": {"parallel.strategy": "mesh", "parallel.data": 1, "parallel.fsdp": 8},
         "data2_fsdp2_tensor2": {"parallel.strategy": "mesh", "parallel.data": 2, "parallel.fsdp": 2, "parallel.tensor": 2},
     }
+    strict = {"optim.clip_norm": 0.0, "model.bias": False}
     watched = {"wte": ("wte",), "fc": ("block_0", "mlp", "fc", "kernel"), "query": ("block_0", "attn", "query", "kernel"),
                "proj": ("block_0", "mlp", "proj", "kernel")}
+
+    def compare(figures, reference):
+        return {k: rel(figures[k], reference[k]) for k in ("grad", "params1", "nu1", "params", "mu", "nu", "rng")} | {
+            "losses": max(abs(a - b) for a, b in zip(figures["losses"], reference["losses"])),
+            "counters_equal": figures["counters"] == reference["counters"]}
+
+    # Without dropout: every layout, pmap included, against one device and the reference gradient.
+    reference = None
     for name, overrides in layouts.items():
-        cfg = tiny_mesh_config(**overrides)
-        losses, state, run, parallel = train_losses(cfg, 3)
-        out["losses"][name] = losses
+        cfg = tiny_mesh_config(**overrides, **strict)
+        figures, state, run, parallel = train_state_figures(cfg, 3)
+        if name == "single":
+            reference = figures
+            out["grad_vs_plain_jax"] = rel(figures["grad"], reference_gradient(cfg))
+        out["losses"][name] = figures["losses"]
+        out["state_rel"][name] = compare(figures, reference)
         if parallel.kind == "mesh":
             def leaf(tree, path):
                 for p in path:
                     tree = tree[p]
                 return tree
             out["specs"][name] = {k: spec_of(leaf(state.params, p)) for k, p in watched.items()}
-            out["specs"][name]["adam_mu_fc"] = spec_of(leaf(state.opt_state[1][0].mu, watched["fc"]))
+            out["specs"][name]["adam_mu_fc"] = spec_of(leaf(adam_moments(state.opt_state).mu, watched["fc"]))
             out["shard_shapes"][name] = {k: list(leaf(state.params, p).addressable_data(0).shape) for k, p in watched.items()}
         if name == "fsdp8":  # #7: what one device holds vs the whole state
             dev0 = jax.devices()[0]
@@ -119,6 +199,15 @@ def case_layouts(args):
                              "opt_dev0": on_dev0(state.opt_state), "opt_total": total(state.opt_state)}
         del state
 
+    # Dropout 0.1: the mesh layouts draw the same masks as one device; pmap draws each device's
+    # rows' masks from fold_in(rng, device index), so its dropout differs (equally valid masks).
+    out["dropout_rel"] = {}
+    for name in ("single", "data8", "data2_fsdp2_tensor2", "pmap"):
+        figures = train_state_figures(tiny_mesh_config(**layouts[name], **strict, **{"model.dropout": 0.1}), 3)[0]
+        if name == "single":
+            reference = figures
+        out["dropout_rel"][name] = compare(figures, reference)
+
     # Tensor parallelism alone gathers no matrix and no activation (8 heads: 8 ways).
     cfg = tiny_mesh_config(**{"parallel.strategy": "mesh", "parallel.data": 1, "parallel.tensor": 8, "model.n_heads": 8})
     run, parallel, state, step_fn, batches = build(cfg)
@@ -128,23 +217,21 @@ def case_layouts(args):
     del state
 
     # #2: 4 micro-batches vs the full batch, one update from the same state, on a sharded mesh.
-    # SGD: the update is the gradient itself (Adam would normalise away ~0 gradients, e.g. of
-    # the attention key bias, turning float noise into full-size steps).
-    def one_update(grad_accum: int, optim: str):
-        cfg = tiny_mesh_config(**{"parallel.data": 2, "parallel.fsdp": 2, "parallel.tensor": 2,
-                                  "train.grad_accum": grad_accum, "optim.name": optim, "optim.lr": 0.5})
+    # SGD without clipping: the update is -lr x the gradient, compared with the plain-jax gradient.
+    def one_update(grad_accum: int):
+        cfg = tiny_mesh_config(**{"parallel.data": 2, "parallel.fsdp": 2, "parallel.tensor": 2, "optim.clip_norm": 0.0,
+                                  "train.grad_accum": grad_accum, "optim.name": "sgd", "optim.lr": 0.5})
         run, parallel, state, step_fn, batches = build(cfg)
-        before = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(state.params))])
+        before = flat(state.params)
         state, m = step_fn(state, parallel.put_batch(batches(0)))
-        after = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(state.params))])
-        return before, after, float(parallel.fetch(m)["loss"])
+        return before, flat(state.params), float(parallel.fetch(m)["loss"]), cfg
 
-    def rel(a, b):
-        return float(np.linalg.norm(a - b) / np.linalg.norm(a))
-
-    p0, full, loss_full = one_update(1, "sgd")
-    _, accum, loss_accum = one_update(4, "sgd")
-    out["accum"] = {"params_rel": rel(full, accum), "update_rel": rel(full - p0, accum - p0),
+    p0, full, loss_full, cfg = one_update(1)
+    _, accum, loss_accum, _ = one_update(4)
+    plain = reference_gradient(cfg)
+    out["accum"] = {"params_rel": rel(accum, full), "update_rel": rel(accum - p0, full - p0),
+                    "full_grad_vs_plain_jax": rel((p0 - full) / 0.5, plain),
+                    "accum_grad_vs_plain_jax": rel((p0 - accum) / 0.5, plain),
                     "loss_full": loss_full, "loss_accum": loss_accum}
 
     # #3: bfloat16 compute, float32 params / optimizer state / logits / loss.

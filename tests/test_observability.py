@@ -94,8 +94,8 @@ def test_peak_precedence_and_cpu_probe_keeps_the_machines_best(tmp_path):
     probes = [8e10, 6e10, 9e10]  # the second one taken while other jobs loaded the cores
     calls = []
 
-    def fake_measure():
-        calls.append(1)
+    def fake_measure(full=True):
+        calls.append(full)
         return probes[len(calls) - 1]
 
     cpu = types.SimpleNamespace(device_kind="cpu", platform="cpu")
@@ -108,14 +108,26 @@ def test_peak_precedence_and_cpu_probe_keeps_the_machines_best(tmp_path):
     assert first.per_device == loaded.per_device == 2e10  # machine peak shared by 4 CPU devices
     assert "earlier" in loaded.source and "earlier" not in first.source
     assert flops.peak_flops(cpu, "float32", cache_dir=tmp_path, measure=fake_measure).per_device == 9e10
+    assert calls == [True, False, False]  # the full probe (up to 2048) once, then the quick one
     cached = json.loads((tmp_path / "peak_flops.json").read_text())
-    assert list(cached.values()) == [9e10] and list(cached)[0].startswith("cpu|")
+    assert list(cached.values()) == [{"flops": 9e10, "source": "probe"}] and list(cached)[0].startswith("cpu|")
     unknown = flops.peak_flops(types.SimpleNamespace(device_kind="Mystery X1", platform="gpu"), "float32")
     assert unknown.per_device == 0 and "train.peak_flops" in unknown.source
 
 
 def test_measured_matmul_flops_is_positive():
     assert flops.measure_matmul_flops(sizes=(64,), repeats=2, trials=1) > 0
+    assert flops.measure_blas_flops(sizes=(64,), repeats=2, trials=1) > 0
+
+
+def test_cpu_peak_is_the_best_of_xla_and_blas_and_says_which(monkeypatch):
+    monkeypatch.setattr(flops, "measure_matmul_flops", lambda sizes: 1.1e11)
+    monkeypatch.setattr(flops, "measure_blas_flops", lambda sizes: 1.4e11)
+    value, which = flops.measure_cpu_peak()
+    assert value == 1.4e11 and which.startswith("numpy's BLAS (") and "n=512/2048" in which and "110 GFLOP/s" in which
+    monkeypatch.setattr(flops, "measure_blas_flops", lambda sizes: 0.9e11)
+    value, which = flops.measure_cpu_peak(full=False)
+    assert value == 1.1e11 and which.startswith("XLA at n=512,")
 
 
 # ---- writers, console ----------------------------------------------------------------------
