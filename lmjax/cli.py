@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
 from pathlib import Path
 
+from lmjax import checks
 from lmjax.errors import UserError
+from lmjax.interrupts import Interrupted, raise_on_signals, what_was_saved
 
 
 def _quiet_logs() -> None:
@@ -38,9 +41,6 @@ def cmd_train(args, overrides) -> int:
     except Preempted as e:
         print(f"lmjax: {e}", flush=True)
         return 128 + e.signum
-    except KeyboardInterrupt:  # Ctrl-C before the train loop started: nothing new to save
-        print("lmjax: interrupted before training started; nothing was saved", file=sys.stderr)
-        return 128 + 2
     except TrainingHalted as e:
         print(f"lmjax: training halted: {e}", file=sys.stderr)
         return 1
@@ -49,13 +49,16 @@ def cmd_train(args, overrides) -> int:
 
 def format_report(name: str, r: dict) -> str:
     lo, hi = r["perplexity_ci95"]
+    interval = (f"(95% CI over documents {lo:.4f} – {hi:.4f})" if all(map(math.isfinite, (lo, hi)))
+                else "(no interval: one document)")
+    cap = f"  (--config.data.max_documents={r['max_documents']})" if r.get("max_documents") else ""
     return "\n".join([
         f"held-out evaluation of {name}",
-        f"  documents          {r['documents']:,}",
+        f"  documents          {r['documents']:,}{cap}",
         f"  tokens predicted   {r['tokens']:,}",
         f"  bytes predicted    {r['bytes']:,}",
         f"  nats/token         {r['nats_per_token']:.4f}",
-        f"  perplexity         {r['perplexity']:.4f}   (95% CI over documents {lo:.4f} – {hi:.4f})",
+        f"  perplexity         {r['perplexity']:.4f}   {interval}",
         f"  bits/token         {r['bits_per_token']:.4f}",
         f"  bits/byte          {r['bits_per_byte']:.4f}",
     ])
@@ -70,9 +73,13 @@ def eval_data_config(cfg, source: str | None, overrides=()):
     from lmjax import config as config_lib
 
     c = config_lib.apply_overrides(config_lib.from_json(config_lib.to_json(cfg)), overrides)
+    if overrides:  # the user's data keys, in range (the run's own were checked when it trained)
+        config_lib.validate(c)
     if source is None:
         return c.data
     d = c.data
+    if not any(o.startswith("--config.data.max_documents=") for o in overrides):
+        d.max_documents = 0  # the run's cap was for its training data: score all of what the user gave
     if source == "stdlib":
         d.source = "stdlib"
     elif source.startswith("hub:"):
@@ -109,22 +116,31 @@ def evaluate_run(run_dir: str, which: str, stride: int, batch_size: int, source:
     report = evaluate(row_nll, params, split, tok.token_bytes(), context, stride, batch_size,
                       stream=data_cfg.stream, put=lambda b: parallel.put_batch(local_rows(b, parallel.process_block)),
                       fetch=parallel.fetch)
-    report.update(step=step, run_dir=str(Path(run_dir).absolute()), stride=stride, data=source or "held-out split")
+    report.update(step=step, run_dir=str(Path(run_dir).absolute()), stride=stride, data=source or "held-out split",
+                  max_documents=data_cfg.max_documents or None)
+    if not math.isfinite(report["nats_per_token"]):
+        raise UserError(f"evaluating {run_dir} at step {step} gave a non-finite loss ({report['nats_per_token']}); "
+                        "no report was written: the checkpoint's parameters are not finite")
     return report, step
 
 
 def cmd_eval(args, overrides) -> int:
+    if args.json and len(args.run_dirs) > 1:
+        raise UserError("--json names one report file, but several runs were given; drop --json (each report "
+                        "goes to RUN_DIR/eval_stepN.json)")
+    if args.json:
+        checks.check_output_file(Path(args.json), "--json", example="report.json")
     reports = []
     for run_dir in args.run_dirs:
         report, step = evaluate_run(run_dir, args.checkpoint, args.stride, args.batch_size, args.data, overrides)
         per_doc = report.pop("per_document")
         suffix = "_" + re.sub(r"[^A-Za-z0-9]+", "_", args.data).strip("_")[-40:] if args.data else ""
-        out = Path(args.json) if args.json and len(args.run_dirs) == 1 else Path(run_dir) / f"eval_step{step}{suffix}.json"
-        out.write_text(json.dumps(report, indent=2))
+        out = Path(args.json) if args.json else Path(run_dir) / f"eval_step{step}{suffix}.json"
+        checks.write_json_atomic(out, report)
         if args.per_document:
-            with open(out.with_name(out.stem + "_documents.jsonl"), "w") as f:
-                for i, d in enumerate(per_doc):
-                    f.write(json.dumps({"document": i, **d}) + "\n")
+            checks.write_text_atomic(out.with_name(out.stem + "_documents.jsonl"), "".join(
+                json.dumps(checks.finite_or_null({"document": i, **d})) + "\n" for i, d in enumerate(per_doc)))
+        args.written.append(str(out))
         reports.append((run_dir, report))
         print(format_report(f"{run_dir} at step {step}", report))
         print(f"  written to         {out}")
@@ -153,7 +169,8 @@ def cmd_sample(args, overrides) -> int:
     prompts = args.prompt or [cfg.sample.prompt or "\n"]
     ids = [tok.encode(p) or [tok.eot_id] for p in prompts]
     max_len = getattr(run.model.cfg, "max_len", None) if cfg.model.kind == "transformer" else None
-    outs = generate(run.model, params, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+    max_new = checks.new_tokens_within_context(args.max_new_tokens, max(map(len, ids)), max_len)
+    outs = generate(run.model, params, ids, max_new, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, greedy=args.greedy, seed=args.seed, eot_id=tok.eot_id, max_len=max_len)
     for prompt, prompt_ids, new in zip(prompts, ids, outs):
         text = cut_at_stop(tok.decode_after(prompt_ids, new), args.stop or [])
@@ -165,6 +182,8 @@ def cmd_sample(args, overrides) -> int:
 def cmd_import_hf(args, overrides) -> int:
     from lmjax.interop.hf import import_hf
 
+    checks.check_new_directory(Path(args.out), "import-hf --out")
+    checks.check_hf_source(args.source)
     import_hf(args.source, args.out, args.tokenizer, overrides)
     return 0
 
@@ -172,7 +191,10 @@ def cmd_import_hf(args, overrides) -> int:
 def cmd_export_hf(args, overrides) -> int:
     from lmjax.interop.hf import export_hf
 
-    export_hf(args.run_dir, args.out, args.checkpoint)
+    out = Path(args.out).absolute()
+    checks.check_new_directory(out, "export-hf --out", args.force, protect=(Path(args.run_dir),))
+    checks.write_directory_atomic(out, lambda tmp: export_hf(
+        args.run_dir, tmp, args.checkpoint, log=lambda line: print(line.replace(str(tmp), str(out)))))
     return 0
 
 
@@ -181,6 +203,7 @@ def cmd_plot(args, overrides) -> int:
 
     if args.out:
         out = Path(args.out)
+        checks.check_output_file(out, "plot --out", example="loss.png")
     elif len(args.run_dirs) == 1:
         out = Path(args.run_dirs[0]) / "loss.png"
     else:
@@ -208,8 +231,15 @@ def choices_help() -> str:
     return "config keys that take a name:\n" + "\n".join(f"  {k:24} {' | '.join(v)}" for k, v in CHOICES.items())
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr, like every other mistake (status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"lmjax: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lmjax", description="Train, resume, evaluate and sample language models in JAX.")
+    p = OneLineParser(prog="lmjax", description="Train, resume, evaluate and sample language models in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train an experiment (resumes if the workdir has checkpoints)",
@@ -234,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.add_argument("--checkpoint", default="latest")
     s.add_argument("--prompt", action="append", help="repeat for a batch of prompts")
-    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--max-new-tokens", type=int, help="default: 200, or what the model's context leaves")
     s.add_argument("--temperature", type=float, default=0.8)
     s.add_argument("--top-k", type=int, default=0)
     s.add_argument("--top-p", type=float, default=1.0)
@@ -252,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run_dir")
     x.add_argument("--checkpoint", default="latest", help="latest | best | STEP")
     x.add_argument("--out", required=True, help="directory for config.json, model.safetensors and the tokenizer")
+    x.add_argument("--force", action="store_true", help="replace the files of an --out directory that is not empty")
 
     pl = sub.add_parser("plot", help="training and held-out loss curves of one or more runs (PNG)")
     pl.add_argument("run_dirs", nargs="+")
@@ -286,21 +317,31 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_logs()
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    overrides = [a for a in extra if a.startswith("--config.")]
-    unknown = [a for a in extra if not a.startswith("--config.")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if overrides and args.command in ("sample", "export-hf", "plot", "runs"):
-        parser.error(f"{args.command} takes no --config overrides; it uses what the run saved")
-    if args.command == "eval" and any(not o.startswith("--config.data.") for o in overrides):
-        parser.error("eval takes only --config.data.KEY=VALUE overrides (with --data)")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        overrides = [a for a in extra if a.startswith("--config.")]
+        unknown = [a for a in extra if not a.startswith("--config.")]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if overrides and args.command in ("sample", "export-hf", "plot", "runs"):
+            parser.error(f"{args.command} takes no --config overrides; it uses what the run saved")
+        if args.command == "eval" and any(not o.startswith("--config.data.") for o in overrides):
+            parser.error("eval takes only --config.data.KEY=VALUE overrides (with --data)")
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed
+        return e.code if isinstance(e.code, int) else 2
     if called_as_program and args.command in ("train", "eval", "sample"):
         from lmjax import scratch_cache
 
         scratch_cache.use_in_this_process()  # re-executes once with the library preloaded
+    args.written = []  # eval: the reports written so far, for the line an interrupt prints
     try:
-        return COMMANDS[args.command](args, overrides)
+        with raise_on_signals():
+            checks.check_flags(args)
+            return COMMANDS[args.command](args, overrides)
+    except Interrupted as e:
+        return _interrupted(args, e.signum, called_as_program)
+    except KeyboardInterrupt:  # a Ctrl-C that landed before our handler was installed
+        return _interrupted(args, 2, called_as_program)
     except UserError as e:
         print(f"lmjax: error: {e}", file=sys.stderr)
         if called_as_program and type(e).__name__ == "CheckpointWriteError":
@@ -310,6 +351,23 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             os._exit(2)
         return 2
+
+
+def _interrupted(args, signum: int, called_as_program: bool) -> int:
+    """One line saying what is on disk, then status 128 + N; a program leaves without
+    interpreter teardown (lmjax.interrupts says why)."""
+    import signal
+
+    saved = what_was_saved(args.command, (args.workdir or os.path.join("runs", Path(args.experiment).stem))
+                           if args.command == "train" else None)
+    if args.written:
+        saved = f"wrote {', '.join(args.written)} before it; no other report was written"
+    print(f"lmjax: received {signal.Signals(signum).name}: {args.command} stopped; {saved}", file=sys.stderr)
+    if called_as_program:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)
+    return 128 + signum
 
 
 if __name__ == "__main__":
