@@ -9,6 +9,7 @@ imports what it uses when it runs: argument errors answer without loading JAX, a
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from lmjax import checks
 from lmjax.errors import UserError
-from lmjax.interrupts import Interrupted, raise_on_signals, what_was_saved
+from lmjax.interrupts import (Interrupted, deferred, interrupted_within, raise_on_signals, signals_held,
+                              what_was_saved)
 
 
 def _quiet_logs() -> None:
@@ -312,36 +314,48 @@ COMMANDS = {"plan": cmd_plan, "train": cmd_train, "eval": cmd_eval, "sample": cm
             "export-hf": cmd_export_hf, "plot": cmd_plot, "runs": cmd_runs}
 
 
+# What each command imports that loads native code, imported with signals deferred (lmjax.interrupts).
+HEAVY_IMPORTS = {"train": ("lmjax.run", "lmjax.train.loop"), "eval": ("lmjax.run", "lmjax.evaluate"),
+                 "sample": ("lmjax.run", "lmjax.sample"), "import-hf": ("lmjax.interop.hf",),
+                 "export-hf": ("lmjax.interop.hf",)}
+
+
 def main(argv: list[str] | None = None) -> int:
     called_as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    _quiet_logs()
-    parser = build_parser()
+    args = None
     try:
-        args, extra = parser.parse_known_args(argv)
-        overrides = [a for a in extra if a.startswith("--config.")]
-        unknown = [a for a in extra if not a.startswith("--config.")]
-        if unknown:
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-        if overrides and args.command in ("sample", "export-hf", "plot", "runs"):
-            parser.error(f"{args.command} takes no --config overrides; it uses what the run saved")
-        if args.command == "eval" and any(not o.startswith("--config.data.") for o in overrides):
-            parser.error("eval takes only --config.data.KEY=VALUE overrides (with --data)")
-    except SystemExit as e:  # --help (0) or a usage error (2), already printed
-        return e.code if isinstance(e.code, int) else 2
-    if called_as_program and args.command in ("train", "eval", "sample"):
-        from lmjax import scratch_cache
+        with raise_on_signals():  # from the first moment: parsing imports the config schema
+            _quiet_logs()
+            with deferred():  # imports the config schema, so flax and JAX
+                parser = build_parser()
+            try:
+                args, extra = parser.parse_known_args(argv)
+                overrides = [a for a in extra if a.startswith("--config.")]
+                unknown = [a for a in extra if not a.startswith("--config.")]
+                if unknown:
+                    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+                if overrides and args.command in ("sample", "export-hf", "plot", "runs"):
+                    parser.error(f"{args.command} takes no --config overrides; it uses what the run saved")
+                if args.command == "eval" and any(not o.startswith("--config.data.") for o in overrides):
+                    parser.error("eval takes only --config.data.KEY=VALUE overrides (with --data)")
+            except SystemExit as e:  # --help (0) or a usage error (2), already printed
+                return e.code if isinstance(e.code, int) else 2
+            if called_as_program and args.command in ("train", "eval", "sample"):
+                from lmjax import scratch_cache
 
-        scratch_cache.use_in_this_process()  # re-executes once with the library preloaded
-    args.written = []  # eval: the reports written so far, for the line an interrupt prints
-    try:
-        with raise_on_signals():
+                with signals_held():  # a signal during the re-execution waits for the new process's handler
+                    scratch_cache.use_in_this_process()  # re-executes once with the library preloaded
+            args.written = []  # eval: the reports written so far, for the line an interrupt prints
+            with deferred():
+                for module in HEAVY_IMPORTS.get(args.command, ()):
+                    importlib.import_module(module)
             checks.check_flags(args)
             return COMMANDS[args.command](args, overrides)
     except Interrupted as e:
-        return _interrupted(args, e.signum, called_as_program)
+        return _interrupted(args, argv, e.signum, called_as_program)
     except KeyboardInterrupt:  # a Ctrl-C that landed before our handler was installed
-        return _interrupted(args, 2, called_as_program)
+        return _interrupted(args, argv, 2, called_as_program)
     except UserError as e:
         print(f"lmjax: error: {e}", file=sys.stderr)
         if called_as_program and type(e).__name__ == "CheckpointWriteError":
@@ -351,18 +365,24 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             os._exit(2)
         return 2
+    except Exception as e:
+        signum = interrupted_within(e)  # a library (numpy's import) re-raised our Interrupted as its own error
+        if signum is None:
+            raise
+        return _interrupted(args, argv, signum, called_as_program)
 
 
-def _interrupted(args, signum: int, called_as_program: bool) -> int:
+def _interrupted(args, argv: list[str], signum: int, called_as_program: bool) -> int:
     """One line saying what is on disk, then status 128 + N; a program leaves without
     interpreter teardown (lmjax.interrupts says why)."""
     import signal
 
-    saved = what_was_saved(args.command, (args.workdir or os.path.join("runs", Path(args.experiment).stem))
-                           if args.command == "train" else None)
-    if args.written:
+    command = args.command if args is not None else next((a for a in argv if a in COMMANDS), "lmjax")
+    run_dir = (args.workdir or os.path.join("runs", Path(args.experiment).stem)) if args is not None else None
+    saved = what_was_saved(command, run_dir if command == "train" else None)
+    if getattr(args, "written", None):
         saved = f"wrote {', '.join(args.written)} before it; no other report was written"
-    print(f"lmjax: received {signal.Signals(signum).name}: {args.command} stopped; {saved}", file=sys.stderr)
+    print(f"lmjax: received {signal.Signals(signum).name}: {command} stopped; {saved}", file=sys.stderr)
     if called_as_program:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -22,8 +22,32 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+received: list[int] = []  # signals _raise has seen in this process, for errors that hide the Interrupted
+_deferring = [False]
+
+
 def _raise(signum, frame):
-    raise Interrupted(signum)
+    received.append(signum)
+    if not _deferring[0]:
+        raise Interrupted(signum)
+
+
+@contextmanager
+def deferred():
+    """Hold a signal's Interrupted until the block ends: imports of native libraries (numpy,
+    jaxlib) turn an exception raised inside them into an ImportError of their own, print it, or
+    swallow it, so heavy imports run here and the signal is answered right after."""
+    before = len(received)
+    _deferring[0] = True
+    try:
+        yield
+    finally:
+        _deferring[0] = False
+    if len(received) > before:
+        raise Interrupted(received[-1])
 
 
 @contextmanager
@@ -31,16 +55,42 @@ def raise_on_signals():
     """SIGINT and SIGTERM raise Interrupted in the main thread while inside (the train loop
     replaces these handlers with its save-then-stop ones while it runs)."""
     old = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         try:
             old[sig] = signal.signal(sig, _raise)
         except ValueError:  # not the main thread: leave signals alone
             pass
+    if old:  # delivered now if one arrived while held across a re-execution (signals_held)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+def interrupted_within(error: BaseException) -> int | None:
+    """The signal behind `error` when an import or a native extension turned our Interrupted into
+    an error of its own (numpy's and jaxlib's ImportError), else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, Interrupted):
+            return error.signum
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return received[-1] if received else None
+
+
+@contextmanager
+def signals_held():
+    """Block SIGINT and SIGTERM (they stay pending) around os.execve: the blocked mask survives
+    it, so a signal in the new process's first moments waits for `raise_on_signals` there
+    instead of killing it before a handler exists."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def latest_complete_checkpoint(run_dir: Path) -> int | None:

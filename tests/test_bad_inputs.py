@@ -314,3 +314,125 @@ def teardown_module(module):
     head, _, rest = text.partition(BEGIN)
     _, _, tail = rest.partition(END)
     DOC.write_text(head + BEGIN + "\n" + "\n".join(rows) + "\n" + END + tail)
+
+
+# ---------------------------------------------------------------- what the commands write
+
+
+def strict_json(path: Path):
+    """json.loads that refuses NaN and Infinity, as strict parsers do."""
+    def refuse(name):
+        raise ValueError(f"{path} holds {name}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_eval_data_scores_all_of_it_whatever_the_runs_cap(tiny_run, tmp_path, capsys):
+    from lmjax.cli import eval_data_config, main
+    from lmjax.config import base_config, set_value
+
+    cfg = base_config()
+    set_value(cfg, "data.max_documents", 3)  # a quick-experiment cap on the run's own data
+    assert eval_data_config(cfg, "f.txt").max_documents == 0
+    assert eval_data_config(cfg, "f.txt", ["--config.data.max_documents=2"]).max_documents == 2
+    assert eval_data_config(cfg, None).max_documents == 3  # the run's own held-out split keeps its settings
+    data = f"{tiny_run['corpus']}/*.txt"
+    n_files = len(list(Path(tiny_run["corpus"]).glob("*.txt")))
+    reports = {}
+    for name, extra in (("all", []), ("capped", ["--config.data.max_documents=5"])):
+        out = tmp_path / f"{name}.json"
+        assert main(["eval", str(tiny_run["run"]), "--data", data, "--batch-size", "256", "--json", str(out)] + extra) == 0
+        reports[name] = strict_json(out)
+    printed = capsys.readouterr().out
+    assert reports["all"]["documents"] == n_files and reports["all"]["max_documents"] is None
+    assert reports["capped"]["documents"] == 5 and reports["capped"]["max_documents"] == 5
+    assert reports["capped"]["tokens"] < reports["all"]["tokens"]
+    assert "(--config.data.max_documents=5)" in printed
+
+
+def test_eval_report_is_strict_json_with_null_for_no_interval(tiny_run, tmp_path, capsys):
+    from lmjax.cli import main
+
+    one = tmp_path / "one.txt"
+    one.write_text("a single document, so no interval over documents " * 4)
+    out = tmp_path / "r.json"
+    assert main(["eval", str(tiny_run["run"]), "--data", str(one), "--json", str(out)]) == 0
+    report = strict_json(out)
+    assert report["documents"] == 1 and report["perplexity_ci95"] == [None, None]
+    assert "(no interval: one document)" in capsys.readouterr().out
+    assert {p.name for p in tmp_path.iterdir()} == {"one.txt", "r.json"}  # no temporary file left
+
+
+def test_a_bad_flag_never_replaces_a_good_report(tiny_run, tmp_path, capsys):
+    from lmjax.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    assert main(["eval", str(run)]) == 0
+    report = run / "eval_step6.json"
+    good = report.read_bytes()
+    assert strict_json(report)["tokens"] > 0
+    assert main(["eval", str(run), "--batch-size", "-3"]) == 2
+    assert report.read_bytes() == good
+
+
+def test_export_hf_writes_a_new_directory_and_replaces_only_with_force(tiny_run, tmp_path, capsys):
+    from lmjax.cli import main
+
+    out = tmp_path / "hf"
+    assert main(["export-hf", str(tiny_run["run"]), "--out", str(out)]) == 0
+    assert {"config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # the temporary directory is gone
+    assert f"to {out}" in capsys.readouterr().out  # the line names --out, not the temporary directory
+    (out / "notes.txt").write_text("mine")
+    weights = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(b"old")
+    assert main(["export-hf", str(tiny_run["run"]), "--out", str(out)]) == 2
+    assert (out / "model.safetensors").read_bytes() == b"old"
+    assert main(["export-hf", str(tiny_run["run"]), "--out", str(out), "--force"]) == 0
+    assert (out / "model.safetensors").read_bytes() == weights and (out / "notes.txt").read_text() == "mine"
+
+
+def test_stale_lock_is_taken_over_and_a_finished_run_says_so(tiny_run, tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    from lmjax.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a PID that no longer runs
+    (run / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": 0}))
+    assert main(["train", str(tiny_run["exp"]), "--workdir", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"took over a stale lock of PID {dead.pid} on host {socket.gethostname()}" in out
+    assert "nothing to train" in out and "reaches train.steps=6" in out and "nan" not in out
+    assert not (run / ".lock").exists()
+
+
+def test_lock_refusal_names_a_live_holder_process(tiny_run, tmp_path, capsys):
+    """A real second process holds the lock through lmjax.runlock; train here is refused with its PID."""
+    import socket
+    import subprocess
+    import sys
+
+    from lmjax.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+from lmjax.runlock import RunLock
+with RunLock({str(run)!r}):
+    print("held", flush=True)
+    sys.stdin.read()
+"""], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        code = main(["train", str(tiny_run["exp"]), "--workdir", str(run)])
+        err = capsys.readouterr().err
+        assert code == 2 and f"(PID {holder.pid} on host {socket.gethostname()}, since " in err, err
+    finally:
+        holder.communicate("", timeout=60)
+    assert not (run / ".lock").exists()  # the holder removed it on leaving
