@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,6 +40,8 @@ def check_flags(args) -> None:
     command = args.command
     if command == "train":
         check_experiment_text(Path(args.experiment))
+        if args.workdir is not None and not args.workdir.strip():
+            raise UserError("--workdir is empty; name the run directory, or leave the flag out for runs/EXPERIMENT")
         check_int_flag("--stop-at", args.stop_at, 1, note="; it is the step to stop after (1 or more)")
     elif command == "eval":
         check_int_flag("--batch-size", args.batch_size, 1, 1 << 20)
@@ -53,6 +56,11 @@ def check_flags(args) -> None:
         for prompt in args.prompt or []:
             if "\0" in prompt:
                 raise UserError("--prompt holds a NUL character; pass text")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UserError("--prompt is not valid UTF-8 text (the shell passed undecodable bytes); "
+                                "pass UTF-8 text") from None
     elif command == "export-hf":
         check_checkpoint_flag(args.checkpoint)
 
@@ -239,10 +247,12 @@ def write_directory_atomic(out: Path, write: Callable[[Path], Any]) -> Any:
     """Run `write(tmp_dir)`, then move what it wrote to `out`: renamed whole when `out` is absent,
     else file by file (each os.replace atomic). A failure leaves `out` as it was."""
     out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise UserError(f"cannot create {out} ({e.strerror}); choose another directory") from None
     try:
         result = write(tmp)
         if not out.exists():
@@ -286,3 +296,20 @@ def new_tokens_within_context(requested: int | None, prompt_tokens: int, context
         raise UserError(f"--max-new-tokens={requested} with a prompt of {prompt_tokens} tokens passes the model's "
                         f"context of {context}; use at most {room}")
     return requested
+
+
+@contextmanager
+def reading_data(what: str):
+    """Errors of the libraries that parse data files (a text file read as parquet, bytes that
+    are not UTF-8, a malformed JSON line) as one line naming the data and the format key."""
+    try:
+        yield
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"could not read {what}: {type(e).__name__}: {str(e)[:200]}; check the files and "
+                        "--config.data.format") from None
+    except Exception as e:
+        if type(e).__module__.split(".")[0] not in ("pyarrow", "datasets"):
+            raise
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise UserError(f"could not read {what}: {type(e).__name__}: {first}; check the files and "
+                        "--config.data.format (text, jsonl, csv, parquet, arrow)") from None

@@ -108,7 +108,8 @@ def evaluate_run(run_dir: str, which: str, stride: int, batch_size: int, source:
 
     cfg, run, params, tok, step = load_run(run_dir, which)
     data_cfg = eval_data_config(cfg, source, overrides)
-    split = tokenize_source(data_cfg, tok, log=lambda *_: None)
+    with checks.reading_data(f"--data {source}" if source else "the run's held-out data"):
+        split = tokenize_source(data_cfg, tok, log=lambda *_: None)
     context = cfg.data.seq_len
     stride = stride or cfg.eval.stride or context
     parallel = run.parallel
@@ -210,7 +211,10 @@ def cmd_plot(args, overrides) -> int:
         out = Path(args.run_dirs[0]) / "loss.png"
     else:
         out = Path("loss.png")
-    print(f"wrote {plot_runs(args.run_dirs, out, args.x, args.log_x)}")
+    try:
+        print(f"wrote {plot_runs(args.run_dirs, out, args.x, args.log_x)}")
+    except OSError as e:
+        raise UserError(f"could not write {out} ({e.strerror}); choose another --out") from None
     return 0
 
 

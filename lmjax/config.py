@@ -267,27 +267,28 @@ def validate(cfg: ConfigDict) -> None:
         if value not in allowed:
             raise UserError(f"config key '{key}' is '{value}'; choose one of {', '.join(allowed)}")
     seed_max = 2**32 - 1  # jax.random.PRNGKey takes a 32-bit seed
+    step_max = 2**31 - 1  # steps and sizes reach JAX as int32
     # key: (low, high, low_open, high_open); None = unbounded. Inclusive unless open.
     ranges = {
         "seed": (0, seed_max, False, False), "data.seed": (0, seed_max, False, False),
         "data.split_seed": (0, seed_max, False, False), "sample.seed": (0, seed_max, False, False),
         "data.seq_len": (0, 2**31 - 1, True, False), "data.num_proc": (1, 1024, False, False),
-        "data.max_documents": (0, None, False, False), "tokenizer.vocab_size": (0, 2**31 - 1, False, False),
-        "model.vocab_size": (0, 2**31 - 1, False, False), "model.d_model": (0, None, True, False),
-        "model.n_layers": (0, None, True, False), "model.n_heads": (0, None, True, False),
+        "data.max_documents": (0, step_max, False, False), "tokenizer.vocab_size": (0, 2**31 - 1, False, False),
+        "model.vocab_size": (0, 2**31 - 1, False, False), "model.d_model": (0, step_max, True, False),
+        "model.n_layers": (0, step_max, True, False), "model.n_heads": (0, None, True, False),
         "model.n_kv_heads": (0, None, False, False), "model.d_ff": (0, None, False, False),
         "model.max_len": (0, 2**31 - 1, False, False), "model.rope_base": (0, None, True, False),
         "model.norm_eps": (0, None, True, False), "model.dropout": (0, 1, False, True),
-        "optim.lr": (0, None, True, False), "optim.warmup_steps": (0, None, False, False),
+        "optim.lr": (0, None, True, False), "optim.warmup_steps": (0, step_max, False, False),
         "optim.min_lr_ratio": (0, 1, False, False), "optim.decay_factor": (0, None, True, False),
-        "optim.decay_start": (0, None, False, False), "optim.decay_every": (0, None, True, False),
+        "optim.decay_start": (0, step_max, False, False), "optim.decay_every": (0, step_max, True, False),
         "optim.weight_decay": (0, None, False, False), "optim.b1": (0, 1, False, True),
         "optim.b2": (0, 1, False, True), "optim.eps": (0, None, True, False),
         "optim.momentum": (0, 1, False, True), "optim.clip_norm": (0, None, False, False),
-        "train.steps": (0, None, True, False), "train.batch_size": (0, None, True, False),
-        "train.grad_accum": (0, None, True, False), "train.log_every": (0, None, True, False),
-        "train.eval_every": (0, None, True, False), "train.eval_batches": (0, None, True, False),
-        "train.save_every": (0, None, True, False), "train.keep": (0, None, True, False),
+        "train.steps": (0, step_max, True, False), "train.batch_size": (0, step_max, True, False),
+        "train.grad_accum": (0, None, True, False), "train.log_every": (0, step_max, True, False),
+        "train.eval_every": (0, step_max, True, False), "train.eval_batches": (0, None, True, False),
+        "train.save_every": (0, step_max, True, False), "train.keep": (0, None, True, False),
         "train.peak_flops": (0, None, False, False), "train.profile_steps": (0, None, False, False),
         "parallel.num_processes": (0, None, False, False), "parallel.process_id": (-1, None, False, False),
         "eval.stride": (0, None, False, False), "eval.batch_size": (0, None, True, False),
