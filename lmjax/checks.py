@@ -59,8 +59,9 @@ def check_flags(args) -> None:
             try:
                 prompt.encode("utf-8")
             except UnicodeEncodeError:
-                raise UserError("--prompt is not valid UTF-8 text (the shell passed undecodable bytes); "
-                                "pass UTF-8 text") from None
+                raise UserError(
+                    "--prompt is not valid UTF-8 text (the shell passed undecodable bytes); pass UTF-8 text"
+                ) from None
     elif command == "export-hf":
         check_checkpoint_flag(args.checkpoint)
 
@@ -111,7 +112,9 @@ def read_json(path: Path, what: str, fix: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         state = "empty" if not text.strip() else ("cut short" if e.pos >= len(text.rstrip()) else "malformed")
-        raise UserError(f"{what} {path} is {state} (invalid JSON at line {e.lineno}, column {e.colno}); {fix}") from None
+        raise UserError(
+            f"{what} {path} is {state} (invalid JSON at line {e.lineno}, column {e.colno}); {fix}"
+        ) from None
 
 
 def read_json_object(path: Path, what: str, fix: str) -> dict:
@@ -133,8 +136,10 @@ def check_safetensors(path: Path) -> None:
                 raise UserError(f"{path} is not a safetensors file ({size} bytes, cut short or empty); {fix}")
             (n,) = struct.unpack("<Q", head)
             if n > size - 8 or n > 100 << 20:
-                raise UserError(f"{path} is cut short or not a safetensors file (its header claims {n:,} bytes, "
-                                f"the file has {size:,}); {fix}")
+                raise UserError(
+                    f"{path} is cut short or not a safetensors file (its header claims {n:,} bytes, "
+                    f"the file has {size:,}); {fix}"
+                )
             header = json.loads(f.read(n).decode("utf-8"))
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror}); {fix}") from None
@@ -146,8 +151,9 @@ def check_safetensors(path: Path) -> None:
     if len(ends) != len(header) - ("__metadata__" in header):
         raise UserError(f"{path} has a malformed safetensors header; {fix}")
     if 8 + n + max(ends, default=0) > size:
-        raise UserError(f"{path} is cut short: its tensors need {8 + n + max(ends):,} bytes, the file has "
-                        f"{size:,}; {fix}")
+        raise UserError(
+            f"{path} is cut short: its tensors need {8 + n + max(ends):,} bytes, the file has {size:,}; {fix}"
+        )
 
 
 def check_hf_source(source: str) -> None:
@@ -204,11 +210,14 @@ def check_new_directory(out: Path, flag: str, force: bool = False, protect: tupl
     for run_dir in protect:
         run_dir = Path(run_dir).absolute()
         if out == run_dir or out in run_dir.parents:
-            raise UserError(f"{flag} {out} would overwrite the run directory {run_dir}; choose a directory outside it, "
-                            f"e.g. {run_dir.parent / (run_dir.name + '_hf')}")
+            raise UserError(
+                f"{flag} {out} would overwrite the run directory {run_dir}; choose a directory outside it, "
+                f"e.g. {run_dir.parent / (run_dir.name + '_hf')}"
+            )
         if out.is_relative_to(run_dir) and out.relative_to(run_dir).parts[0] in ("checkpoints", "tokenizer"):
-            raise UserError(f"{flag} {out} is inside the run's {out.relative_to(run_dir).parts[0]}/; choose another "
-                            "directory")
+            raise UserError(
+                f"{flag} {out} is inside the run's {out.relative_to(run_dir).parts[0]}/; choose another directory"
+            )
     if out.exists() and not out.is_dir():
         raise UserError(f"{flag} {out} is a file; name a directory to create")
     blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
@@ -293,8 +302,10 @@ def new_tokens_within_context(requested: int | None, prompt_tokens: int, context
     if requested is None:
         return min(DEFAULT_NEW_TOKENS, room)
     if requested > room:
-        raise UserError(f"--max-new-tokens={requested} with a prompt of {prompt_tokens} tokens passes the model's "
-                        f"context of {context}; use at most {room}")
+        raise UserError(
+            f"--max-new-tokens={requested} with a prompt of {prompt_tokens} tokens passes the model's "
+            f"context of {context}; use at most {room}"
+        )
     return requested
 
 
@@ -305,11 +316,14 @@ def reading_data(what: str):
     try:
         yield
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"could not read {what}: {type(e).__name__}: {str(e)[:200]}; check the files and "
-                        "--config.data.format") from None
+        raise UserError(
+            f"could not read {what}: {type(e).__name__}: {str(e)[:200]}; check the files and --config.data.format"
+        ) from None
     except Exception as e:
         if type(e).__module__.split(".")[0] not in ("pyarrow", "datasets"):
             raise
         first = str(e).splitlines()[0][:200] if str(e) else ""
-        raise UserError(f"could not read {what}: {type(e).__name__}: {first}; check the files and "
-                        "--config.data.format (text, jsonl, csv, parquet, arrow)") from None
+        raise UserError(
+            f"could not read {what}: {type(e).__name__}: {first}; check the files and "
+            "--config.data.format (text, jsonl, csv, parquet, arrow)"
+        ) from None

@@ -111,5 +111,7 @@ def what_was_saved(command: str, run_dir: str | None) -> str:
     step = latest_complete_checkpoint(Path(run_dir))
     if step is None:
         return f"nothing was saved (no checkpoint in {Path(run_dir).absolute() / 'checkpoints'})"
-    return (f"nothing new was saved; the latest checkpoint is step {step} in "
-            f"{Path(run_dir).absolute() / 'checkpoints' / str(step)}; run the same command to resume from it")
+    return (
+        f"nothing new was saved; the latest checkpoint is step {step} in "
+        f"{Path(run_dir).absolute() / 'checkpoints' / str(step)}; run the same command to resume from it"
+    )

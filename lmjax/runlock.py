@@ -42,7 +42,11 @@ def _holder(path: Path) -> dict:
 
 def _describe(holder: dict) -> str:
     since = holder.get("started")
-    when = f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if isinstance(since, (int, float)) else ""
+    when = (
+        f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}"
+        if isinstance(since, (int, float))
+        else ""
+    )
     return f"PID {holder.get('pid', '?')} on host {holder.get('host', '?')}{when}"
 
 
@@ -77,8 +81,10 @@ class RunLock:
             self.fd = fd
             break
         else:
-            raise UserError(f"could not take the lock {self.path}: it keeps being replaced; is another "
-                            "`lmjax train` starting in this --workdir?")
+            raise UserError(
+                f"could not take the lock {self.path}: it keeps being replaced; is another "
+                "`lmjax train` starting in this --workdir?"
+            )
         previous = _holder(self.path)
         if previous.get("pid") and previous.get("pid") != os.getpid():
             self.say(f"run directory lock: took over a stale lock of {_describe(previous)} (no longer running)")
@@ -88,9 +94,11 @@ class RunLock:
         return self
 
     def _held(self, holder: dict) -> UserError:
-        return UserError(f"the run directory {self.path.parent} is in use by another `lmjax train` ({_describe(holder)}); "
-                         f"wait for it to finish or stop it, or choose another --workdir (if that process is gone, "
-                         f"delete {self.path})")
+        return UserError(
+            f"the run directory {self.path.parent} is in use by another `lmjax train` ({_describe(holder)}); "
+            f"wait for it to finish or stop it, or choose another --workdir (if that process is gone, "
+            f"delete {self.path})"
+        )
 
     def _without_flock(self) -> None:
         holder = _holder(self.path)

@@ -89,6 +89,7 @@ def bad_experiment(text: str | bytes):
     def setup(t: Path, ctx: dict) -> None:
         p = t / "broken.py"
         p.write_bytes(text if isinstance(text, bytes) else text.encode())
+
     return setup
 
 
@@ -107,7 +108,11 @@ CASES = [
     ("train --config.train.steps=0", T + ["--config.train.steps=0"], "'train.steps' must be in (0, 2147483647]"),
     ("train --config.train.steps=-5", T + ["--config.train.steps=-5"], "'train.steps' must be in (0, 2147483647]"),
     ("train --config.train.steps=10**20", T + ["--config.train.steps=100000000000000000000"], "in (0, 2147483647]"),
-    ("train --config.train.batch_size=0", T + ["--config.train.batch_size=0"], "'train.batch_size' must be in (0, 2147483647]"),
+    (
+        "train --config.train.batch_size=0",
+        T + ["--config.train.batch_size=0"],
+        "'train.batch_size' must be in (0, 2147483647]",
+    ),
     ("train --config.train.grad_accum=3 (batch 8)", T + ["--config.train.grad_accum=3"], "must be divisible by"),
     ("train --config.data.seq_len=0", T + ["--config.data.seq_len=0"], "'data.seq_len' must be in (0, "),
     ("train --config.model.n_heads=3 (d_model 32)", T + ["--config.model.n_heads=3"], "divisible by model.n_heads=3"),
@@ -115,24 +120,44 @@ CASES = [
     ("train --config.seed=-1", T + ["--config.seed=-1"], "'seed' must be in [0, 4294967295]"),
     ("train --config.seed=10**20", T + ["--config.seed=100000000000000000000"], "'seed' must be in [0, 4294967295]"),
     ("train --config.optim.b2=1", T + ["--config.optim.b2=1"], "'optim.b2' must be in [0, 1)"),
-    ("train --config.optim.warmup_steps=-1", T + ["--config.optim.warmup_steps=-1"], "'optim.warmup_steps' must be in [0, 2147483647]"),
-    ("train --config.optim.min_lr_ratio=2", T + ["--config.optim.min_lr_ratio=2"], "'optim.min_lr_ratio' must be in [0, 1]"),
+    (
+        "train --config.optim.warmup_steps=-1",
+        T + ["--config.optim.warmup_steps=-1"],
+        "'optim.warmup_steps' must be in [0, 2147483647]",
+    ),
+    (
+        "train --config.optim.min_lr_ratio=2",
+        T + ["--config.optim.min_lr_ratio=2"],
+        "'optim.min_lr_ratio' must be in [0, 1]",
+    ),
     ("train --config.optim.eps=0", T + ["--config.optim.eps=0"], "'optim.eps' must be > 0"),
     ("train --config.optim.clip_norm=-1", T + ["--config.optim.clip_norm=-1"], "'optim.clip_norm' must be >= 0"),
     ("train --config.train.keep=0", T + ["--config.train.keep=0"], "'train.keep' must be > 0"),
     ("train --config.train.eval_batches=0", T + ["--config.train.eval_batches=0"], "'train.eval_batches' must be > 0"),
     ("train --config.data.heldout_fraction=1.5", T + ["--config.data.heldout_fraction=1.5"], "must be in (0, 1)"),
-    ("train --config.data.max_documents=-1", T + ["--config.data.max_documents=-1"], "'data.max_documents' must be in [0, 2147483647]"),
+    (
+        "train --config.data.max_documents=-1",
+        T + ["--config.data.max_documents=-1"],
+        "'data.max_documents' must be in [0, 2147483647]",
+    ),
     ("train --config.data.num_proc=0", T + ["--config.data.num_proc=0"], "'data.num_proc' must be in [1, 1024]"),
     ("train --config.model.max_len=16 (seq_len 32)", T + ["--config.model.max_len=16"], "shorter than data.seq_len=32"),
     ("train --config.parallel.data=0", T + ["--config.parallel.data=0"], "'parallel.data' must be -1"),
-    ("train --config.tokenizer.kind=sentencepiece", T + ["--config.tokenizer.kind=sentencepiece"], "choose one of byte"),
+    (
+        "train --config.tokenizer.kind=sentencepiece",
+        T + ["--config.tokenizer.kind=sentencepiece"],
+        "choose one of byte",
+    ),
     ("train --config.model.kind=rnn", T + ["--config.model.kind=rnn"], "choose one of transformer, lstm"),
     ("unknown key: --config.train.step=5", T + ["--config.train.step=5"], "did you mean 'train.steps'"),
     ("wrong type: --config.train.steps=many", T + ["--config.train.steps=many"], "expects an int"),
     ("wrong type: --config.train.steps=1e3", T + ["--config.train.steps=1e3"], "expects an int"),
     ("wrong type: --config.train.resume=maybe", T + ["--config.train.resume=maybe"], "expects a bool"),
-    ("override without a value: --config.train.steps", T + ["--config.train.steps"], "needs the form --config.KEY=VALUE"),
+    (
+        "override without a value: --config.train.steps",
+        T + ["--config.train.steps"],
+        "needs the form --config.KEY=VALUE",
+    ),
     # --- train flags, experiment files, run directory
     ("train --stop-at 0", T + ["--stop-at", "0"], "--stop-at must be >= 1, got 0"),
     ("train --stop-at -3", T + ["--stop-at", "-3"], "--stop-at must be >= 1, got -3"),
@@ -143,23 +168,54 @@ CASES = [
     ("experiment file that does not exist", ["train", "{tmp}/nope.py"], "does not exist"),
     ("experiment file that is a directory", ["train", "{tmp}"], "is a directory"),
     ("experiment file that is empty", ["train", "{tmp}/broken.py"], "defines no get_config()", bad_experiment("")),
-    ("experiment file that is not UTF-8", ["train", "{tmp}/broken.py"], "is not UTF-8 text",
-     bad_experiment(b"\xff\xfe\x00bad")),
-    ("experiment file holding NUL bytes", ["train", "{tmp}/broken.py"], "holds NUL bytes",
-     bad_experiment(b"def get_config():\x00\n")),
-    ("experiment file with a syntax error", ["train", "{tmp}/broken.py"], "syntax error at line 1",
-     bad_experiment("def get_config(:\n")),
-    ("experiment file whose get_config returns a dict", ["train", "{tmp}/broken.py"], "returned dict",
-     bad_experiment("def get_config():\n    return {}\n")),
-    ("experiment file that raises", ["train", "{tmp}/broken.py"], "failed at line 2: ZeroDivisionError",
-     bad_experiment("def get_config():\n    return 1 / 0\n")),
+    (
+        "experiment file that is not UTF-8",
+        ["train", "{tmp}/broken.py"],
+        "is not UTF-8 text",
+        bad_experiment(b"\xff\xfe\x00bad"),
+    ),
+    (
+        "experiment file holding NUL bytes",
+        ["train", "{tmp}/broken.py"],
+        "holds NUL bytes",
+        bad_experiment(b"def get_config():\x00\n"),
+    ),
+    (
+        "experiment file with a syntax error",
+        ["train", "{tmp}/broken.py"],
+        "syntax error at line 1",
+        bad_experiment("def get_config(:\n"),
+    ),
+    (
+        "experiment file whose get_config returns a dict",
+        ["train", "{tmp}/broken.py"],
+        "returned dict",
+        bad_experiment("def get_config():\n    return {}\n"),
+    ),
+    (
+        "experiment file that raises",
+        ["train", "{tmp}/broken.py"],
+        "failed at line 2: ZeroDivisionError",
+        bad_experiment("def get_config():\n    return 1 / 0\n"),
+    ),
     ("--workdir under a file", ["train", "{exp}", "--workdir", "{run}/config.json/run"], "is not a directory"),
-    ("data.paths that matches no file", ["train", "{exp}", "--workdir", "{tmp}/new", "--config.data.paths={tmp}/none/*.txt"],
-     "matches no file"),
-    ("another `lmjax train` holds the run directory", T, "is in use by another `lmjax train` (PID 4242 on host gpu-node-7",
-     lambda t, ctx: hold_lock(ctx["run"])),
+    (
+        "data.paths that matches no file",
+        ["train", "{exp}", "--workdir", "{tmp}/new", "--config.data.paths={tmp}/none/*.txt"],
+        "matches no file",
+    ),
+    (
+        "another `lmjax train` holds the run directory",
+        T,
+        "is in use by another `lmjax train` (PID 4242 on host gpu-node-7",
+        lambda t, ctx: hold_lock(ctx["run"]),
+    ),
     ("resume with --config.model.d_model=64", T + ["--config.model.d_model=64"], "model.d_model: 32 -> 64"),
-    ("--config.train.resume=false on a run with checkpoints", T + ["--config.train.resume=false"], "train.resume=False"),
+    (
+        "--config.train.resume=false on a run with checkpoints",
+        T + ["--config.train.resume=false"],
+        "train.resume=False",
+    ),
     ("train --workdir ''", ["train", "{exp}", "--workdir", ""], "--workdir is empty"),
     # --- eval
     ("eval --batch-size 0", ["eval", "{run}", "--batch-size", "0"], "--batch-size must be in [1, 1048576], got 0"),
@@ -167,7 +223,11 @@ CASES = [
     ("eval --stride -1", ["eval", "{run}", "--stride", "-1"], "--stride must be >= 0"),
     ("eval --stride 1000 (context 32)", ["eval", "{run}", "--stride", "1000"], "between 1 and the context (32)"),
     ("eval --json naming a directory", ["eval", "{run}", "--json", "{tmp}"], "is a directory; name a file"),
-    ("eval --json in a folder that does not exist", ["eval", "{run}", "--json", "{tmp}/no/such/r.json"], "does not exist"),
+    (
+        "eval --json in a folder that does not exist",
+        ["eval", "{run}", "--json", "{tmp}/no/such/r.json"],
+        "does not exist",
+    ),
     ("eval --json with two runs", ["eval", "{run}", "{run}", "--json", "{tmp}/r.json"], "several runs were given"),
     ("eval --checkpoint 999", ["eval", "{run}", "--checkpoint", "999"], "no checkpoint at step 999"),
     ("eval --checkpoint last", ["eval", "{run}", "--checkpoint", "last"], "must be latest, best or a step number"),
@@ -175,29 +235,62 @@ CASES = [
     ("eval --checkpoint ３ (a full-width digit)", ["eval", "{run}", "--checkpoint", "３"], "must be latest, best"),
     ("eval a directory that is no run", ["eval", "{tmp}"], "is not an lmjax run directory"),
     ("eval a directory that does not exist", ["eval", "{tmp}/nowhere"], "is not an lmjax run directory"),
-    ("eval a run whose config.json is cut short", ["eval", "{run}"], "the run's config /tmp/x/run/config.json is cut short",
-     lambda t, ctx: (ctx["run"] / "config.json").write_text('{"data": {"seq_len": 3')),
-    ("eval a run whose config.json is empty", ["eval", "{run}"], "config.json is empty",
-     lambda t, ctx: (ctx["run"] / "config.json").write_text("")),
-    ("eval a run whose config.json is a list", ["eval", "{run}"], "holds a JSON list, not an object",
-     lambda t, ctx: (ctx["run"] / "config.json").write_text("[1, 2]")),
-    ("eval a run whose tokenizer file is cut short", ["eval", "{run}"], "tokenizer in /tmp/x/run/tokenizer is cut short",
-     lambda t, ctx: cut_short(ctx["run"] / "tokenizer" / "lmjax_tokenizer.json")),
-    ("eval a run without its tokenizer", ["eval", "{run}"], "no saved tokenizer",
-     lambda t, ctx: shutil.rmtree(ctx["run"] / "tokenizer")),
+    (
+        "eval a run whose config.json is cut short",
+        ["eval", "{run}"],
+        "the run's config /tmp/x/run/config.json is cut short",
+        lambda t, ctx: (ctx["run"] / "config.json").write_text('{"data": {"seq_len": 3'),
+    ),
+    (
+        "eval a run whose config.json is empty",
+        ["eval", "{run}"],
+        "config.json is empty",
+        lambda t, ctx: (ctx["run"] / "config.json").write_text(""),
+    ),
+    (
+        "eval a run whose config.json is a list",
+        ["eval", "{run}"],
+        "holds a JSON list, not an object",
+        lambda t, ctx: (ctx["run"] / "config.json").write_text("[1, 2]"),
+    ),
+    (
+        "eval a run whose tokenizer file is cut short",
+        ["eval", "{run}"],
+        "tokenizer in /tmp/x/run/tokenizer is cut short",
+        lambda t, ctx: cut_short(ctx["run"] / "tokenizer" / "lmjax_tokenizer.json"),
+    ),
+    (
+        "eval a run without its tokenizer",
+        ["eval", "{run}"],
+        "no saved tokenizer",
+        lambda t, ctx: shutil.rmtree(ctx["run"] / "tokenizer"),
+    ),
     ("eval --data a file that does not exist", ["eval", "{run}", "--data", "{tmp}/none.txt"], "matches no file"),
-    ("eval --data an empty file", ["eval", "{run}", "--data", "{tmp}/empty.txt"], "the held-out split has no text",
-     lambda t, ctx: (t / "empty.txt").write_text("")),
-    ("eval --data a text file read as parquet", ["eval", "{run}", "--data", "{corpus}/abc.txt",
-                                                 "--config.data.format=parquet"], "could not read --data"),
+    (
+        "eval --data an empty file",
+        ["eval", "{run}", "--data", "{tmp}/empty.txt"],
+        "the held-out split has no text",
+        lambda t, ctx: (t / "empty.txt").write_text(""),
+    ),
+    (
+        "eval --data a text file read as parquet",
+        ["eval", "{run}", "--data", "{corpus}/abc.txt", "--config.data.format=parquet"],
+        "could not read --data",
+    ),
     ("eval --config.train.steps=3", ["eval", "{run}", "--config.train.steps=3"], "eval takes only --config.data"),
-    ("eval --data F --config.data.max_documents=-2", ["eval", "{run}", "--data", "{corpus}/abc.txt",
-                                                      "--config.data.max_documents=-2"], "must be in [0, 2147483647], got -2"),
+    (
+        "eval --data F --config.data.max_documents=-2",
+        ["eval", "{run}", "--data", "{corpus}/abc.txt", "--config.data.max_documents=-2"],
+        "must be in [0, 2147483647], got -2",
+    ),
     # --- sample
     ("sample --max-new-tokens 0", ["sample", "{run}", "--max-new-tokens", "0"], "--max-new-tokens must be in [1, "),
     ("sample --max-new-tokens -5", ["sample", "{run}", "--max-new-tokens", "-5"], "--max-new-tokens must be in [1, "),
-    ("sample --max-new-tokens 100 (context 32)", ["sample", "{run}", "--prompt", "ab", "--max-new-tokens", "100"],
-     "passes the model's context of 32; use at most 30"),
+    (
+        "sample --max-new-tokens 100 (context 32)",
+        ["sample", "{run}", "--prompt", "ab", "--max-new-tokens", "100"],
+        "passes the model's context of 32; use at most 30",
+    ),
     ("sample --temperature 0", ["sample", "{run}", "--temperature", "0"], "--temperature must be positive"),
     ("sample --temperature -1", ["sample", "{run}", "--temperature", "-1"], "--temperature must be positive"),
     ("sample --temperature nan", ["sample", "{run}", "--temperature", "nan"], "--temperature must be a finite number"),
@@ -209,46 +302,107 @@ CASES = [
     ("sample --prompt with undecodable bytes", ["sample", "{run}", "--prompt", "\udcff"], "not valid UTF-8"),
     ("a 40-token prompt, context 32", ["sample", "{run}", "--prompt", "x" * 40], "the prompt is 40 tokens"),
     ("sample --config.train.steps=3", ["sample", "{run}", "--config.train.steps=3"], "sample takes no --config"),
-    ("sample a run whose config.json is cut short", ["sample", "{run}"], "config.json is cut short",
-     lambda t, ctx: (ctx["run"] / "config.json").write_text('{"data": {"seq_len": 3')),
+    (
+        "sample a run whose config.json is cut short",
+        ["sample", "{run}"],
+        "config.json is cut short",
+        lambda t, ctx: (ctx["run"] / "config.json").write_text('{"data": {"seq_len": 3'),
+    ),
     # --- import-hf
     ("import-hf a source that does not exist", ["import-hf", "{tmp}/none", "--out", "{tmp}/out"], "does not exist"),
-    ("import-hf a pickle checkpoint", ["import-hf", "{tmp}/pytorch_model.bin", "--out", "{tmp}/out"],
-     "a pickle checkpoint", lambda t, ctx: (t / "pytorch_model.bin").write_bytes(b"\x80\x04")),
-    ("import-hf a directory without weights", ["import-hf", "{tmp}/hf", "--out", "{tmp}/out"], "holds no model.safetensors",
-     lambda t, ctx: (t / "hf").mkdir()),
-    ("import-hf: config.json cut short", ["import-hf", "{tmp}/hf", "--out", "{tmp}/out"],
-     "the Hugging Face config /tmp/x/hf/config.json is cut short", lambda t, ctx: cut_short(hf_model(t / "hf") / "config.json")),
-    ("import-hf: model.safetensors cut short", ["import-hf", "{tmp}/hf", "--out", "{tmp}/out"], "is cut short",
-     lambda t, ctx: cut_short(hf_model(t / "hf") / "model.safetensors", 0.9)),
-    ("import-hf: model.safetensors empty", ["import-hf", "{tmp}/hf", "--out", "{tmp}/out"], "not a safetensors file",
-     lambda t, ctx: (hf_model(t / "hf") / "model.safetensors").write_bytes(b"")),
-    ("import-hf: safetensors header not JSON", ["import-hf", "{tmp}/hf", "--out", "{tmp}/out"], "malformed safetensors",
-     lambda t, ctx: (hf_model(t / "hf") / "model.safetensors").write_bytes(struct.pack("<Q", 4) + b"{{{{")),
-    ("import-hf --out a directory that is not empty", ["import-hf", "{tmp}/hf", "--out", "{run}"],
-     "already exists and is not empty", lambda t, ctx: hf_model(t / "hf")),
-    ("import-hf --out naming a file", ["import-hf", "{tmp}/hf", "--out", "{run}/config.json"], "is a file",
-     lambda t, ctx: hf_model(t / "hf")),
+    (
+        "import-hf a pickle checkpoint",
+        ["import-hf", "{tmp}/pytorch_model.bin", "--out", "{tmp}/out"],
+        "a pickle checkpoint",
+        lambda t, ctx: (t / "pytorch_model.bin").write_bytes(b"\x80\x04"),
+    ),
+    (
+        "import-hf a directory without weights",
+        ["import-hf", "{tmp}/hf", "--out", "{tmp}/out"],
+        "holds no model.safetensors",
+        lambda t, ctx: (t / "hf").mkdir(),
+    ),
+    (
+        "import-hf: config.json cut short",
+        ["import-hf", "{tmp}/hf", "--out", "{tmp}/out"],
+        "the Hugging Face config /tmp/x/hf/config.json is cut short",
+        lambda t, ctx: cut_short(hf_model(t / "hf") / "config.json"),
+    ),
+    (
+        "import-hf: model.safetensors cut short",
+        ["import-hf", "{tmp}/hf", "--out", "{tmp}/out"],
+        "is cut short",
+        lambda t, ctx: cut_short(hf_model(t / "hf") / "model.safetensors", 0.9),
+    ),
+    (
+        "import-hf: model.safetensors empty",
+        ["import-hf", "{tmp}/hf", "--out", "{tmp}/out"],
+        "not a safetensors file",
+        lambda t, ctx: (hf_model(t / "hf") / "model.safetensors").write_bytes(b""),
+    ),
+    (
+        "import-hf: safetensors header not JSON",
+        ["import-hf", "{tmp}/hf", "--out", "{tmp}/out"],
+        "malformed safetensors",
+        lambda t, ctx: (hf_model(t / "hf") / "model.safetensors").write_bytes(struct.pack("<Q", 4) + b"{{{{"),
+    ),
+    (
+        "import-hf --out a directory that is not empty",
+        ["import-hf", "{tmp}/hf", "--out", "{run}"],
+        "already exists and is not empty",
+        lambda t, ctx: hf_model(t / "hf"),
+    ),
+    (
+        "import-hf --out naming a file",
+        ["import-hf", "{tmp}/hf", "--out", "{run}/config.json"],
+        "is a file",
+        lambda t, ctx: hf_model(t / "hf"),
+    ),
     # --- export-hf
     ("export-hf RUN --out RUN", ["export-hf", "{run}", "--out", "{run}"], "would overwrite the run directory"),
     ("export-hf RUN --out RUN --force", ["export-hf", "{run}", "--out", "{run}", "--force"], "would overwrite the run"),
-    ("export-hf --out the run's parent", ["export-hf", "{run}", "--out", "{tmp}", "--force"], "would overwrite the run"),
-    ("export-hf --out inside the run's checkpoints/", ["export-hf", "{run}", "--out", "{run}/checkpoints/hf"],
-     "inside the run's checkpoints/"),
-    ("export-hf --out a directory that is not empty", ["export-hf", "{run}", "--out", "{tmp}/mine"],
-     "pass --force to replace its files", lambda t, ctx: ((t / "mine").mkdir(), (t / "mine" / "config.json").write_text("{}"))),
+    (
+        "export-hf --out the run's parent",
+        ["export-hf", "{run}", "--out", "{tmp}", "--force"],
+        "would overwrite the run",
+    ),
+    (
+        "export-hf --out inside the run's checkpoints/",
+        ["export-hf", "{run}", "--out", "{run}/checkpoints/hf"],
+        "inside the run's checkpoints/",
+    ),
+    (
+        "export-hf --out a directory that is not empty",
+        ["export-hf", "{run}", "--out", "{tmp}/mine"],
+        "pass --force to replace its files",
+        lambda t, ctx: ((t / "mine").mkdir(), (t / "mine" / "config.json").write_text("{}")),
+    ),
     ("export-hf --out naming a file", ["export-hf", "{run}", "--out", "{run}/metrics.jsonl"], "is a file"),
-    ("export-hf --out where nothing can be created", ["export-hf", "{run}", "--out", "/proc/lmjax_hf"],
-     "cannot create /proc/lmjax_hf"),
-    ("export-hf a directory that is no run", ["export-hf", "{tmp}/empty", "--out", "{tmp}/hf"], "not an lmjax run",
-     lambda t, ctx: (t / "empty").mkdir()),
-    ("export-hf --checkpoint latest1", ["export-hf", "{run}", "--out", "{tmp}/hf", "--checkpoint", "latest1"],
-     "must be latest, best or a step number"),
+    (
+        "export-hf --out where nothing can be created",
+        ["export-hf", "{run}", "--out", "/proc/lmjax_hf"],
+        "cannot create /proc/lmjax_hf",
+    ),
+    (
+        "export-hf a directory that is no run",
+        ["export-hf", "{tmp}/empty", "--out", "{tmp}/hf"],
+        "not an lmjax run",
+        lambda t, ctx: (t / "empty").mkdir(),
+    ),
+    (
+        "export-hf --checkpoint latest1",
+        ["export-hf", "{run}", "--out", "{tmp}/hf", "--checkpoint", "latest1"],
+        "must be latest, best or a step number",
+    ),
     # --- plot
     ("plot --out naming a directory", ["plot", "{run}", "--out", "{tmp}"], "is a directory; name a file"),
     ("plot --out where nothing can be written", ["plot", "{run}", "--out", "/proc/loss.png"], "could not write"),
-    ("plot a directory without metrics", ["plot", "{tmp}/empty"], "has no metrics.jsonl entries",
-     lambda t, ctx: (t / "empty").mkdir()),
+    (
+        "plot a directory without metrics",
+        ["plot", "{tmp}/empty"],
+        "has no metrics.jsonl entries",
+        lambda t, ctx: (t / "empty").mkdir(),
+    ),
     ("plot --x epoch", ["plot", "{run}", "--x", "epoch"], "invalid choice: 'epoch'"),
 ]
 IDS = [re.sub(r"[^A-Za-z0-9]+", "_", c[0]).strip("_")[:60] for c in CASES]
@@ -302,7 +456,9 @@ def test_bad_input_is_one_line_and_changes_nothing(case, tiny_run, tmp_path, cap
     if WRITE_DOC:
         SEEN[name] = message
     else:
-        assert documented().get(name) == message, f"docs/errors.md is out of date for {name!r}: rerun with LMJAX_WRITE_ERRORS_DOC=1"
+        assert documented().get(name) == message, (
+            f"docs/errors.md is out of date for {name!r}: rerun with LMJAX_WRITE_ERRORS_DOC=1"
+        )
 
 
 def test_table_is_large_and_every_row_is_a_case():
@@ -329,8 +485,10 @@ def teardown_module(module):
 
 def strict_json(path: Path):
     """json.loads that refuses NaN and Infinity, as strict parsers do."""
+
     def refuse(name):
         raise ValueError(f"{path} holds {name}")
+
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
@@ -348,7 +506,9 @@ def test_eval_data_scores_all_of_it_whatever_the_runs_cap(tiny_run, tmp_path, ca
     reports = {}
     for name, extra in (("all", []), ("capped", ["--config.data.max_documents=5"])):
         out = tmp_path / f"{name}.json"
-        assert main(["eval", str(tiny_run["run"]), "--data", data, "--batch-size", "256", "--json", str(out)] + extra) == 0
+        assert (
+            main(["eval", str(tiny_run["run"]), "--data", data, "--batch-size", "256", "--json", str(out)] + extra) == 0
+        )
         reports[name] = strict_json(out)
     printed = capsys.readouterr().out
     assert reports["all"]["documents"] == n_files and reports["all"]["max_documents"] is None
@@ -429,13 +589,24 @@ def test_lock_refusal_names_a_live_holder_process(tiny_run, tmp_path, capsys):
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run["run"], run)
-    holder = subprocess.Popen([sys.executable, "-c", f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import sys, time
 from lmjax.runlock import RunLock
 with RunLock({str(run)!r}):
     print("held", flush=True)
     sys.stdin.read()
-"""], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+""",
+        ],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         assert holder.stdout.readline() == "held\n"
         code = main(["train", str(tiny_run["exp"]), "--workdir", str(run)])
