@@ -9,13 +9,18 @@ imports what it uses when it runs: argument errors answer without loading JAX, a
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import math
 import os
 import re
 import sys
 from pathlib import Path
 
+from lmjax import checks
 from lmjax.errors import UserError
+from lmjax.interrupts import (Interrupted, deferred, interrupted_within, raise_on_signals, signals_held,
+                              what_was_saved)
 
 
 def _quiet_logs() -> None:
@@ -39,9 +44,6 @@ def cmd_train(args, overrides) -> int:
     except Preempted as e:
         print(f"lmjax: {e}", flush=True)
         return 128 + e.signum
-    except KeyboardInterrupt:  # Ctrl-C before the train loop started: nothing new to save
-        print("lmjax: interrupted before training started; nothing was saved", file=sys.stderr)
-        return 128 + 2
     except TrainingHalted as e:
         print(f"lmjax: training halted: {e}", file=sys.stderr)
         return 1
@@ -61,13 +63,16 @@ def _say_backend(cfg) -> None:
 
 def format_report(name: str, r: dict) -> str:
     lo, hi = r["perplexity_ci95"]
+    finite = all(isinstance(x, float) and math.isfinite(x) for x in (lo, hi))
+    interval = f"(95% CI {r.get('ci95_over', 'over documents')} {lo:.4f} – {hi:.4f})" if finite else "(no interval)"
+    cap = f"  (--config.data.max_documents={r['max_documents']})" if r.get("max_documents") else ""
     return "\n".join([
         f"held-out evaluation of {name}",
-        f"  documents          {r['documents']:,}",
+        f"  documents          {r['documents']:,}{cap}",
         f"  tokens predicted   {r['tokens']:,}",
         f"  bytes predicted    {r['bytes']:,}",
         f"  nats/token         {r['nats_per_token']:.4f}",
-        f"  perplexity         {r['perplexity']:.4f}   (95% CI {r['ci95_over']} {lo:.4f} – {hi:.4f})",
+        f"  perplexity         {r['perplexity']:.4f}   {interval}",
         f"  bits/token         {r['bits_per_token']:.4f}",
         f"  bits/byte          {r['bits_per_byte']:.4f}",
     ])
@@ -82,9 +87,13 @@ def eval_data_config(cfg, source: str | None, overrides=()):
     from lmjax import config as config_lib
 
     c = config_lib.apply_overrides(config_lib.from_json(config_lib.to_json(cfg)), overrides)
+    if overrides:  # the user's data keys, in range (the run's own were checked when it trained)
+        config_lib.validate(c)
     if source is None:
         return c.data
     d = c.data
+    if not any(o.startswith("--config.data.max_documents=") for o in overrides):
+        d.max_documents = 0  # the run's cap was for its training data: score all of what the user gave
     if source == "stdlib":
         d.source = "stdlib"
     elif source.startswith("hub:"):
@@ -111,7 +120,8 @@ def evaluate_run(run_dir: str, which: str, stride: int, batch_size: int, source:
 
     cfg, run, params, tok, step = load_run(run_dir, which)
     data_cfg = eval_data_config(cfg, source, overrides)
-    split = tokenize_source(data_cfg, tok, log=lambda *_: None)
+    with checks.reading_data(f"--data {source}" if source else "the run's held-out data"):
+        split = tokenize_source(data_cfg, tok, log=lambda *_: None)
     context = cfg.data.seq_len
     stride = stride or cfg.eval.stride or context
     parallel = run.parallel
@@ -121,22 +131,31 @@ def evaluate_run(run_dir: str, which: str, stride: int, batch_size: int, source:
     report = evaluate(row_nll, params, split, tok.token_bytes(), context, stride, batch_size,
                       stream=data_cfg.stream, put=lambda b: parallel.put_batch(local_rows(b, parallel.process_block)),
                       fetch=parallel.fetch)
-    report.update(step=step, run_dir=str(Path(run_dir).absolute()), stride=stride, data=source or "held-out split")
+    report.update(step=step, run_dir=str(Path(run_dir).absolute()), stride=stride, data=source or "held-out split",
+                  max_documents=data_cfg.max_documents or None)
+    if not math.isfinite(report["nats_per_token"]):
+        raise UserError(f"evaluating {run_dir} at step {step} gave a non-finite loss ({report['nats_per_token']}); "
+                        "no report was written: the checkpoint's parameters are not finite")
     return report, step
 
 
 def cmd_eval(args, overrides) -> int:
+    if args.json and len(args.run_dirs) > 1:
+        raise UserError("--json names one report file, but several runs were given; drop --json (each report "
+                        "goes to RUN_DIR/eval_stepN.json)")
+    if args.json:
+        checks.check_output_file(Path(args.json), "--json", example="report.json")
     reports = []
     for run_dir in args.run_dirs:
         report, step = evaluate_run(run_dir, args.checkpoint, args.stride, args.batch_size, args.data, overrides)
         per_doc = report.pop("per_document")
         suffix = "_" + re.sub(r"[^A-Za-z0-9]+", "_", args.data).strip("_")[-40:] if args.data else ""
-        out = Path(args.json) if args.json and len(args.run_dirs) == 1 else Path(run_dir) / f"eval_step{step}{suffix}.json"
-        out.write_text(json.dumps(report, indent=2))
+        out = Path(args.json) if args.json else Path(run_dir) / f"eval_step{step}{suffix}.json"
+        checks.write_json_atomic(out, report)
         if args.per_document:
-            with open(out.with_name(out.stem + "_documents.jsonl"), "w") as f:
-                for i, d in enumerate(per_doc):
-                    f.write(json.dumps({"document": i, **d}) + "\n")
+            checks.write_text_atomic(out.with_name(out.stem + "_documents.jsonl"), "".join(
+                json.dumps(checks.finite_or_null({"document": i, **d})) + "\n" for i, d in enumerate(per_doc)))
+        args.written.append(str(out))
         reports.append((run_dir, report))
         print(format_report(f"{run_dir} at step {step}", report))
         print(f"  written to         {out}")
@@ -165,7 +184,8 @@ def cmd_sample(args, overrides) -> int:
     prompts = args.prompt or [cfg.sample.prompt or "\n"]
     ids = [tok.encode(p) or [tok.eot_id] for p in prompts]
     max_len = getattr(run.model.cfg, "max_len", None) if cfg.model.kind == "transformer" else None
-    outs = generate(run.model, params, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+    max_new = checks.new_tokens_within_context(args.max_new_tokens, max(map(len, ids)), max_len)
+    outs = generate(run.model, params, ids, max_new, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, greedy=args.greedy, seed=args.seed, eot_id=tok.eot_id, max_len=max_len)
     for prompt, prompt_ids, new in zip(prompts, ids, outs):
         text = cut_at_stop(tok.decode_after(prompt_ids, new), args.stop or [])
@@ -177,6 +197,8 @@ def cmd_sample(args, overrides) -> int:
 def cmd_import_hf(args, overrides) -> int:
     from lmjax.interop.hf import import_hf
 
+    checks.check_new_directory(Path(args.out), "import-hf --out")
+    checks.check_hf_source(args.source)
     import_hf(args.source, args.out, args.tokenizer, overrides)
     return 0
 
@@ -184,7 +206,10 @@ def cmd_import_hf(args, overrides) -> int:
 def cmd_export_hf(args, overrides) -> int:
     from lmjax.interop.hf import export_hf
 
-    export_hf(args.run_dir, args.out, args.checkpoint)
+    out = Path(args.out).absolute()
+    checks.check_new_directory(out, "export-hf --out", args.force, protect=(Path(args.run_dir),))
+    checks.write_directory_atomic(out, lambda tmp: export_hf(
+        args.run_dir, tmp, args.checkpoint, log=lambda line: print(line.replace(str(tmp), str(out)))))
     return 0
 
 
@@ -193,11 +218,15 @@ def cmd_plot(args, overrides) -> int:
 
     if args.out:
         out = Path(args.out)
+        checks.check_output_file(out, "plot --out", example="loss.png")
     elif len(args.run_dirs) == 1:
         out = Path(args.run_dirs[0]) / "loss.png"
     else:
         out = Path("loss.png")
-    print(f"wrote {plot_runs(args.run_dirs, out, args.x, args.log_x)}")
+    try:
+        print(f"wrote {plot_runs(args.run_dirs, out, args.x, args.log_x)}")
+    except OSError as e:
+        raise UserError(f"could not write {out} ({e.strerror}); choose another --out") from None
     return 0
 
 
@@ -220,8 +249,15 @@ def choices_help() -> str:
     return "config keys that take a name:\n" + "\n".join(f"  {k:24} {' | '.join(v)}" for k, v in CHOICES.items())
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr, like every other mistake (status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"lmjax: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lmjax", description="Train, resume, evaluate and sample language models in JAX.")
+    p = OneLineParser(prog="lmjax", description="Train, resume, evaluate and sample language models in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train an experiment (resumes if the workdir has checkpoints)",
@@ -246,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.add_argument("--checkpoint", default="latest")
     s.add_argument("--prompt", action="append", help="repeat for a batch of prompts")
-    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--max-new-tokens", type=int, help="default: 200, or what the model's context leaves")
     s.add_argument("--temperature", type=float, default=0.8)
     s.add_argument("--top-k", type=int, default=0)
     s.add_argument("--top-p", type=float, default=1.0)
@@ -264,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run_dir")
     x.add_argument("--checkpoint", default="latest", help="latest | best | STEP")
     x.add_argument("--out", required=True, help="directory for config.json, model.safetensors and the tokenizer")
+    x.add_argument("--force", action="store_true", help="replace the files of an --out directory that is not empty")
 
     pl = sub.add_parser("plot", help="training and held-out loss curves of one or more runs (PNG)")
     pl.add_argument("run_dirs", nargs="+")
@@ -293,26 +330,48 @@ COMMANDS = {"plan": cmd_plan, "train": cmd_train, "eval": cmd_eval, "sample": cm
             "export-hf": cmd_export_hf, "plot": cmd_plot, "runs": cmd_runs}
 
 
+# What each command imports that loads native code, imported with signals deferred (lmjax.interrupts).
+HEAVY_IMPORTS = {"train": ("lmjax.run", "lmjax.train.loop"), "eval": ("lmjax.run", "lmjax.evaluate"),
+                 "sample": ("lmjax.run", "lmjax.sample"), "import-hf": ("lmjax.interop.hf",),
+                 "export-hf": ("lmjax.interop.hf",)}
+
+
 def main(argv: list[str] | None = None) -> int:
     called_as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    _quiet_logs()
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    overrides = [a for a in extra if a.startswith("--config.")]
-    unknown = [a for a in extra if not a.startswith("--config.")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if overrides and args.command in ("sample", "export-hf", "plot", "runs"):
-        parser.error(f"{args.command} takes no --config overrides; it uses what the run saved")
-    if args.command == "eval" and any(not o.startswith("--config.data.") for o in overrides):
-        parser.error("eval takes only --config.data.KEY=VALUE overrides (with --data)")
-    if called_as_program and args.command in ("train", "eval", "sample"):
-        from lmjax import scratch_cache
-
-        scratch_cache.use_in_this_process()  # on CPU runs: re-executes once with the library preloaded
+    args = None
     try:
-        return COMMANDS[args.command](args, overrides)
+        with raise_on_signals():  # from the first moment: parsing imports the config schema
+            _quiet_logs()
+            with deferred():  # imports the config schema, so flax and JAX
+                parser = build_parser()
+            try:
+                args, extra = parser.parse_known_args(argv)
+                overrides = [a for a in extra if a.startswith("--config.")]
+                unknown = [a for a in extra if not a.startswith("--config.")]
+                if unknown:
+                    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+                if overrides and args.command in ("sample", "export-hf", "plot", "runs"):
+                    parser.error(f"{args.command} takes no --config overrides; it uses what the run saved")
+                if args.command == "eval" and any(not o.startswith("--config.data.") for o in overrides):
+                    parser.error("eval takes only --config.data.KEY=VALUE overrides (with --data)")
+            except SystemExit as e:  # --help (0) or a usage error (2), already printed
+                return e.code if isinstance(e.code, int) else 2
+            if called_as_program and args.command in ("train", "eval", "sample"):
+                from lmjax import scratch_cache
+
+                with signals_held():  # a signal during the re-execution waits for the new process's handler
+                    scratch_cache.use_in_this_process()  # on CPU runs: re-executes once with the library preloaded
+            args.written = []  # eval: the reports written so far, for the line an interrupt prints
+            with deferred():
+                for module in HEAVY_IMPORTS.get(args.command, ()):
+                    importlib.import_module(module)
+            checks.check_flags(args)
+            return COMMANDS[args.command](args, overrides)
+    except Interrupted as e:
+        return _interrupted(args, argv, e.signum, called_as_program)
+    except KeyboardInterrupt:  # a Ctrl-C that landed before our handler was installed
+        return _interrupted(args, argv, 2, called_as_program)
     except UserError as e:
         print(f"lmjax: error: {e}", file=sys.stderr)
         if called_as_program and type(e).__name__ == "CheckpointWriteError":
@@ -322,6 +381,29 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             os._exit(2)
         return 2
+    except Exception as e:
+        signum = interrupted_within(e)  # a library (numpy's import) re-raised our Interrupted as its own error
+        if signum is None:
+            raise
+        return _interrupted(args, argv, signum, called_as_program)
+
+
+def _interrupted(args, argv: list[str], signum: int, called_as_program: bool) -> int:
+    """One line saying what is on disk, then status 128 + N; a program leaves without
+    interpreter teardown (lmjax.interrupts says why)."""
+    import signal
+
+    command = args.command if args is not None else next((a for a in argv if a in COMMANDS), "lmjax")
+    run_dir = (args.workdir or os.path.join("runs", Path(args.experiment).stem)) if args is not None else None
+    saved = what_was_saved(command, run_dir if command == "train" else None)
+    if getattr(args, "written", None):
+        saved = f"wrote {', '.join(args.written)} before it; no other report was written"
+    print(f"lmjax: received {signal.Signals(signum).name}: {command} stopped; {saved}", file=sys.stderr)
+    if called_as_program:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)
+    return 128 + signum
 
 
 if __name__ == "__main__":

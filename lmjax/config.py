@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -263,19 +264,48 @@ def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
 
 
 def validate(cfg: ConfigDict) -> None:
-    """Check choices and ranges that a type check cannot; raise UserError naming the key."""
+    """Check choices and ranges that a type check cannot; raise UserError naming the key and its valid range."""
     for key, allowed in CHOICES.items():
         value = get(cfg, key)
         if value not in allowed:
             raise UserError(f"config key '{key}' is '{value}'; choose one of {', '.join(allowed)}")
-    positive = ("data.seq_len", "model.d_model", "model.n_layers", "train.steps", "train.batch_size",
-                "train.grad_accum", "train.log_every", "train.eval_every", "train.save_every", "train.keep")
-    for key in positive:
-        if get(cfg, key) <= 0:
-            raise UserError(f"config key '{key}' must be positive, got {get(cfg, key)}")
+    seed_max = 2**32 - 1  # jax.random.PRNGKey takes a 32-bit seed
+    step_max = 2**31 - 1  # steps and sizes reach JAX as int32
+    # key: (low, high, low_open, high_open); None = unbounded. Inclusive unless open.
+    ranges = {
+        "seed": (0, seed_max, False, False), "data.seed": (0, seed_max, False, False),
+        "data.split_seed": (0, seed_max, False, False), "sample.seed": (0, seed_max, False, False),
+        "data.seq_len": (0, 2**31 - 1, True, False), "data.num_proc": (1, 1024, False, False),
+        "data.max_documents": (0, step_max, False, False), "tokenizer.vocab_size": (0, 2**31 - 1, False, False),
+        "model.vocab_size": (0, 2**31 - 1, False, False), "model.d_model": (0, step_max, True, False),
+        "model.n_layers": (0, step_max, True, False), "model.n_heads": (0, None, True, False),
+        "model.n_kv_heads": (0, None, False, False), "model.d_ff": (0, None, False, False),
+        "model.max_len": (0, 2**31 - 1, False, False), "model.rope_base": (0, None, True, False),
+        "model.norm_eps": (0, None, True, False), "model.dropout": (0, 1, False, True),
+        "optim.lr": (0, None, True, False), "optim.warmup_steps": (0, step_max, False, False),
+        "optim.min_lr_ratio": (0, 1, False, False), "optim.decay_factor": (0, None, True, False),
+        "optim.decay_start": (0, step_max, False, False), "optim.decay_every": (0, step_max, True, False),
+        "optim.weight_decay": (0, None, False, False), "optim.b1": (0, 1, False, True),
+        "optim.b2": (0, 1, False, True), "optim.eps": (0, None, True, False),
+        "optim.momentum": (0, 1, False, True), "optim.clip_norm": (0, None, False, False),
+        "train.steps": (0, step_max, True, False), "train.batch_size": (0, step_max, True, False),
+        "train.grad_accum": (0, None, True, False), "train.log_every": (0, step_max, True, False),
+        "train.eval_every": (0, step_max, True, False), "train.eval_batches": (0, None, True, False),
+        "train.save_every": (0, step_max, True, False), "train.keep": (0, None, True, False),
+        "train.peak_flops": (0, None, False, False), "train.profile_steps": (0, None, False, False),
+        "parallel.num_processes": (0, None, False, False), "parallel.process_id": (-1, None, False, False),
+        "eval.stride": (0, None, False, False), "eval.batch_size": (0, None, True, False),
+        "sample.max_new_tokens": (0, None, True, False), "sample.temperature": (0, None, True, False),
+        "sample.top_k": (0, None, False, False), "sample.top_p": (0, 1, True, False),
+    }
+    for key, bounds in ranges.items():
+        _check_range(key, get(cfg, key), *bounds)
+    for key in ("parallel.data", "parallel.fsdp", "parallel.tensor"):
+        if get(cfg, key) == 0 or get(cfg, key) < -1:
+            raise UserError(f"config key '{key}' must be -1 (the rest of the devices) or positive, got {get(cfg, key)}")
     m = cfg.model
     if m.kind == "transformer":
-        if m.n_heads <= 0 or m.d_model % m.n_heads:
+        if m.d_model % m.n_heads:
             raise UserError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
         kv = m.n_kv_heads or m.n_heads
         if m.n_heads % kv:
@@ -288,6 +318,20 @@ def validate(cfg: ConfigDict) -> None:
         raise UserError(f"data.heldout_fraction must be in (0, 1), got {cfg.data.heldout_fraction}")
     if m.max_len and m.max_len < cfg.data.seq_len:
         raise UserError(f"model.max_len={m.max_len} is shorter than data.seq_len={cfg.data.seq_len}; raise model.max_len or set it to 0")
+
+
+def _check_range(key: str, value, low, high, low_open: bool, high_open: bool) -> None:
+    """UserError unless `value` lies in the interval; the message states the interval."""
+    finite = not isinstance(value, float) or math.isfinite(value)
+    ok = finite and (low is None or (value > low if low_open else value >= low)) and (
+        high is None or (value < high if high_open else value <= high))
+    if ok:
+        return
+    if high is None:
+        valid = f"{'>' if low_open else '>='} {low}"
+    else:
+        valid = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    raise UserError(f"config key '{key}' must be {valid}, got {value}")
 
 
 def get(cfg: ConfigDict, key: str) -> Any:

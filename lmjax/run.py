@@ -24,6 +24,7 @@ import optax
 
 from lmjax import config as config_lib
 from lmjax.checkpoint import Checkpoints
+from lmjax.checks import read_json_object
 from lmjax.data.tokenizers import Tokenizer, load_tokenizer
 from lmjax.errors import UserError
 from lmjax.models import build_model
@@ -162,6 +163,18 @@ def check_resume(cfg, ckpts: Checkpoints, step: int, log: Callable[[str], None])
         log(f"resume: config change allowed: {line}")
 
 
+def read_tokenizer(directory: Path) -> Tokenizer:
+    """load_tokenizer, with a cut-short or malformed tokenizer file named in one line."""
+    try:
+        return load_tokenizer(directory)
+    except UserError:
+        raise
+    except Exception as e:  # JSON, KeyError, the tokenizers library's parse errors: one line
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        raise UserError(f"the tokenizer in {directory} is cut short or malformed ({reason}); put the run's own "
+                        "tokenizer back (the one it was trained with)") from None
+
+
 def load_run(run_dir: str | Path, which: str = "latest"):
     """A run directory → (config, Run, params, tokenizer, step); reads JSON, runs no config file.
 
@@ -172,7 +185,12 @@ def load_run(run_dir: str | Path, which: str = "latest"):
         raise UserError(
             f"{run_dir} is not an lmjax run directory (no config.json); pass the --workdir of a `lmjax train` run"
         )
-    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    read_json_object(
+        run_dir / "config.json",
+        "the run's config",
+        "restore it from a copy, or from the config saved in a checkpoint (checkpoints/N/config/metadata)",
+    )
+    tokenizer = read_tokenizer(run_dir / "tokenizer")
     ckpts = Checkpoints(run_dir / "checkpoints", read_only=True)
     try:
         step = ckpts.resolve(which)

@@ -280,6 +280,73 @@ def test_sigterm_and_sigint_save_and_resume_exactly(experiment, env, reference, 
     assert_metrics_match(run, reference)
 
 
+# Moments to interrupt `lmjax train`: (name, the output line that starts the moment, or a delay in
+# seconds after start when no line marks it). Before the loop the signal raises lmjax.interrupts.Interrupted;
+# inside it the loop saves the step it is in. Either way: status 128 + N, one line, no crash.
+SIGNAL_POINTS = [
+    ("import", 0.1, signal.SIGINT),
+    ("tokenization", "tokenized train", signal.SIGTERM),
+    ("token cache loaded, before step 1", "run directory:", signal.SIGINT),
+    ("token cache loaded, before step 1 (again)", "data:", signal.SIGINT),
+    ("compilation", "CPU:", signal.SIGTERM),
+    ("the first step", "step 1/", signal.SIGINT),
+    ("mid-save", "saving", signal.SIGTERM),
+]
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler for `sig` (SigCgt in /proc/PID/status)."""
+    try:
+        line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point, marker, sig", SIGNAL_POINTS, ids=[p[0] for p in SIGNAL_POINTS])
+def test_signal_at_any_moment_exits_cleanly(point, marker, sig, experiment, env, tmp_path):
+    run = tmp_path / "run"
+    fresh = {**env, "LMJAX_CACHE": str(tmp_path / "cache")} if point == "tokenization" else env
+    t = Training(experiment, run, fresh)
+    if isinstance(marker, float):  # once lmjax's handler exists (Python's own catches SIGINT, not SIGTERM)
+        t.wait_for(lambda: _catches(t.proc.pid, signal.SIGTERM))
+        time.sleep(marker)
+    elif marker == "saving":
+        t.wait_for(lambda: t.step() >= 2 and t.saving())
+    else:
+        t.wait_for(lambda: any(line.startswith(marker) for line in list(t.lines)))
+    os.kill(t.proc.pid, sig)
+    code = t.finish()
+    said = [line for line in t.lines if line.startswith("lmjax: received")]
+    print(f"{point}: {sig.name} -> status {code}; {said}")
+    assert code == 128 + sig, f"{point}: status {code}\n{t.output[-3000:]}"
+    assert "Traceback" not in t.output and "Fatal Python error" not in t.output, t.output[-3000:]
+    assert len(said) == 1 and sig.name in said[0], t.output[-3000:]
+    steps = finalized_steps(run / "checkpoints")
+    if "finished step" in said[0]:  # inside the loop: the step it was in is saved
+        assert steps and said[0].startswith(f"lmjax: received {sig.name}: finished step {steps[-1]}, saved it")
+    else:
+        assert not steps and "nothing was saved" in said[0], said[0]
+    assert not t.saving()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, delay", [(signal.SIGINT, 2.0), (signal.SIGTERM, 8.0)])
+def test_signal_during_eval_exits_cleanly_and_writes_no_report(sig, delay, reference, env, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    before = tree_hash(run)
+    proc = subprocess.Popen([sys.executable, "-m", "lmjax.cli", "eval", str(run)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(delay)  # importing JAX, restoring the checkpoint or evaluating
+    os.kill(proc.pid, sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, out[-3000:]
+    assert "Traceback" not in out and f"lmjax: received {sig.name}: eval stopped; nothing was written" in out, out
+    assert tree_hash(run) == before
+
+
 TWO_HOSTS = r"""
 import sys, time
 import jax

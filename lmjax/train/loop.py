@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -23,6 +24,7 @@ from lmjax.flops import Utilisation
 from lmjax.metrics import MetricsWriter, Progress, StepTrace, sample_text, truncate_after
 from lmjax.run import (Run, build_run, check_resume, check_tokenizer, count_params, main_process_first,
                        probe_writable, tokenizer_record, write_config)
+from lmjax.runlock import RunLock
 from lmjax.train.parallel import build_parallel, check_batch
 from lmjax.train.step import make_eval_step, make_train_step
 
@@ -234,18 +236,41 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at:
     """Train (or resume) the experiment `cfg` in `workdir`; return the final figures.
 
     `stop_at` ends this invocation after that step with a checkpoint, as a preemption would
-    (for time-limited job slots); running again resumes towards train.steps.
+    (for time-limited job slots); running again resumes towards train.steps. Process 0 holds
+    the run directory's lock throughout (lmjax.runlock): two jobs never write one run.
     """
     run_dir = Path(workdir).absolute()
+    created = not run_dir.exists()
+    probe_writable(run_dir)
+    is_main = jax.process_index() == 0
+    try:
+        with RunLock(run_dir, log) if is_main else contextlib.nullcontext():
+            return _train(cfg, run_dir, log, stop_at)
+    except UserError:
+        if created and is_main and not any(p.is_file() for p in run_dir.rglob("*")):
+            # A mistake found at start leaves no empty run directory behind (checkpoints/ included).
+            for d in sorted(run_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                d.rmdir()
+            run_dir.rmdir()
+        raise
+
+
+def _train(cfg, run_dir: Path, log: Callable[[str], None], stop_at: int | None) -> dict:
     is_main = jax.process_index() == 0
     say = log if is_main else (lambda *_: None)
-    probe_writable(run_dir)
     t_start = time.time()
 
     # Set up: layout, checkpoints, data, model; restore or init.
     parallel = build_parallel(cfg.parallel)
     check_batch(cfg.train.batch_size, cfg.train.grad_accum, parallel)
     ckpts, latest = open_checkpoints(cfg, run_dir, say)
+    end = min(cfg.train.steps, stop_at) if stop_at else cfg.train.steps
+    if latest is not None and latest >= end:  # finished (or --stop-at already passed): no step to run
+        ckpts.close()
+        why = f"train.steps={cfg.train.steps}" if end == cfg.train.steps else f"--stop-at {stop_at}"
+        say(f"nothing to train: {run_dir} is at step {latest}, which reaches {why}; raise "
+            f"--config.train.steps to train further")
+        return {"run_dir": str(run_dir), "start_step": latest, "step": latest}
     data: Data = main_process_first(lambda: prepare(cfg, run_dir, say), is_main)
     if latest is not None:
         check_tokenizer(ckpts, latest, data.tokenizer, run_dir / "tokenizer")
@@ -284,7 +309,6 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at:
         ckpts.save(done, parallel.to_global(state), cfg.to_dict(), heldout, force=True, tokenizer=tokenizer_info)
         steplog.last_good = done
 
-    end = min(total, stop_at) if stop_at else total
     prefetch = Prefetcher(batches, parallel.put_batch, start, end)
     try:
         with _Signals(ckpts) as signals:
