@@ -215,6 +215,11 @@ def cmd_export_hf(args, overrides) -> int:
 
 def cmd_plot(args, overrides) -> int:
     from lmjax.metrics import plot_runs
+    from lmjax.study.commands import plot as plot_sweep
+
+    if len(args.run_dirs) == 1 and (written := plot_sweep(args.run_dirs[0], args.x, args.out, args.log_x)):
+        print(f"wrote {written}")
+        return 0
 
     if args.out:
         out = Path(args.out)
@@ -232,7 +237,12 @@ def cmd_plot(args, overrides) -> int:
 
 def cmd_runs(args, overrides) -> int:
     from lmjax.metrics import find_runs, format_runs, run_summary
+    from lmjax.study.commands import runs_table
 
+    table = runs_table(args.dir)
+    if table is not None:
+        print(table)
+        return 0
     root = Path(args.dir)
     runs = find_runs(root)
     if not runs:
@@ -304,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plot", help="training and held-out loss curves of one or more runs (PNG)")
     pl.add_argument("run_dirs", nargs="+")
-    pl.add_argument("--x", choices=("step", "tokens", "time"), default="step", help="x axis (time: wall seconds)")
+    pl.add_argument("--x", default="step", help="x axis: step | tokens | time (wall seconds); for a sweep "
+                    "directory, a swept key: its final held-out loss against that key")
     pl.add_argument("--log-x", action="store_true", help="logarithmic x axis")
     pl.add_argument("--out", help="PNG to write (default RUN_DIR/loss.png for one run, ./loss.png for several)")
 
@@ -317,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("runs", help="table of the runs under a directory: steps, best held-out loss, tokens, time")
     r.add_argument("dir", nargs="?", default="runs")
+
+    from lmjax.study.commands import add_parsers
+
+    add_parsers(sub)  # sweep, study
     return p
 
 
@@ -327,7 +342,14 @@ def cmd_plan(args, overrides) -> int:
 
 
 COMMANDS = {"plan": cmd_plan, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "import-hf": cmd_import_hf,
-            "export-hf": cmd_export_hf, "plot": cmd_plot, "runs": cmd_runs}
+            "export-hf": cmd_export_hf, "plot": cmd_plot, "runs": cmd_runs,
+            "sweep": lambda a, o: _study_command("cmd_sweep", a, o), "study": lambda a, o: _study_command("cmd_study", a, o)}
+
+
+def _study_command(name: str, args, overrides) -> int:
+    from lmjax.study import commands
+
+    return getattr(commands, name)(args, overrides)
 
 
 # What each command imports that loads native code, imported with signals deferred (lmjax.interrupts).
@@ -357,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                     parser.error("eval takes only --config.data.KEY=VALUE overrides (with --data)")
             except SystemExit as e:  # --help (0) or a usage error (2), already printed
                 return e.code if isinstance(e.code, int) else 2
-            if called_as_program and args.command in ("train", "eval", "sample"):
+            if called_as_program and args.command in ("train", "eval", "sample", "sweep", "study"):
                 from lmjax import scratch_cache
 
                 with signals_held():  # a signal during the re-execution waits for the new process's handler

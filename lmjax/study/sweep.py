@@ -1,0 +1,235 @@
+"""Run the points of a sweep: one ordinary run directory per point under the sweep directory.
+
+A sweep directory holds `sweep.json` (the experiment's resolved base config and every point's
+overrides), `sweep.lock` while a sweep runs, and one run directory per point. A point is finished
+when its checkpoints hold step `train.steps` (a checkpoint is complete or invisible, so a kill
+never fakes one); running the same command again skips finished points and resumes the others
+from their latest checkpoint, so a killed sweep loses only the steps since each run's last save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmjax import config as config_lib
+from lmjax.errors import UserError
+from lmjax.study.grid import Point
+
+SPEC_FILE = "sweep.json"
+LOCK_FILE = "sweep.lock"
+LOG_FILE = "train.log"  # each point's own output, inside its run directory
+
+
+class SweepLock:
+    """Exclusive use of a sweep directory. `fcntl.flock` is released by the kernel when its process
+    ends, even by kill -9, so a lock left behind is recognised as stale; the file names the holder."""
+
+    def __init__(self, out: Path, log=print):
+        self.path = Path(out) / LOCK_FILE
+        self.log = log
+        self.fd = None
+
+    def __enter__(self) -> "SweepLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            who = f"PID {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
+            raise UserError(f"{self.path.parent} is in use by another sweep ({who}); wait for it to end, or "
+                            "choose another --out") from None
+        earlier = _read_holder(fd)
+        if earlier:
+            self.log(f"{self.path}: taking over the lock of PID {earlier.get('pid')} on {earlier.get('host')}, "
+                     "which ended without releasing it")
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # an empty lock file is a released one
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except ValueError:
+        return {}
+
+
+def open_spec(out: Path, experiment: str, base, kind: str, points: list[Point], columns: list[str], extra: dict) -> dict:
+    """Write (or extend) `sweep.json`; refuse a directory made from another experiment's config.
+    `columns` are the keys of the points' values that tables and plots show."""
+    path = Path(out) / SPEC_FILE
+    spec = {"kind": kind, "experiment": str(experiment), "columns": columns, "base_config": base.to_dict(),
+            "points": {}, **extra}
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("kind") != kind:
+            raise UserError(f"{out} holds a {old.get('kind')}, not a {kind} ({path}); choose another --out")
+        saved = config_lib.from_json(json.dumps(old["base_config"]))
+        refused, _ = config_lib.resume_differences(saved, base)
+        if refused:
+            raise UserError(f"{out} holds a {kind} of a different experiment ({'; '.join(refused)}); use the same "
+                            "experiment and --config overrides, or choose another --out")
+        spec["points"] = old.get("points", {})
+    spec["points"].update({p.name: {"overrides": list(p.overrides), "values": p.values} for p in points})
+    tmp = path.with_name(f".{SPEC_FILE}.tmp")
+    tmp.write_text(json.dumps(spec, indent=2))
+    os.replace(tmp, path)
+    return spec
+
+
+def finished_step(run_dir: Path) -> int | None:
+    """The latest complete checkpoint of a run directory, or None."""
+    from lmjax.checkpoint import Checkpoints
+
+    if not (run_dir / "checkpoints").is_dir():
+        return None
+    ckpts = Checkpoints(run_dir / "checkpoints", read_only=True)
+    try:
+        return ckpts.latest_step()
+    finally:
+        ckpts.close()
+
+
+@dataclass
+class Outcome:
+    point: Point
+    status: str  # skipped | done | failed
+    seconds: float = 0.0
+    message: str = ""
+
+
+def train_command(experiment: str, run_dir: Path, overrides) -> list[str]:
+    """`lmjax train` of one point, as a subprocess of this Python."""
+    return [sys.executable, "-m", "lmjax.cli", "train", str(experiment), "--workdir", str(run_dir),
+            *(o if o.startswith("--config.") else f"--config.{o}" for o in overrides)]
+
+
+def _train_here(cfg, run_dir: Path) -> None:
+    """Train one point in this process, its output into its train.log."""
+    from lmjax.train.loop import train
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOG_FILE, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        train(cfg, run_dir, log=lambda line: print(line, flush=True))
+
+
+def run_points(out: Path, experiment: str, base_overrides, points: list[Point], cfgs: dict, parallel: int = 1,
+               log=print) -> list[Outcome]:
+    """Train every unfinished point: in this process one after another, or `parallel` subprocesses
+    of `lmjax train` at once, each given one GPU (CUDA_VISIBLE_DEVICES; on CPU they share the cores)."""
+    todo, outcomes = [], []
+    for p in points:
+        step = finished_step(out / p.name)
+        if step is not None and step >= cfgs[p.name].train.steps:
+            outcomes.append(Outcome(p, "skipped"))
+        else:
+            todo.append((p, step))
+    resumed = sum(1 for _, s in todo if s is not None)
+    log(f"sweep {out}: {len(points)} points; {len(outcomes)} finished (skipped), {resumed} to resume, "
+        f"{len(todo) - resumed} new")
+    if parallel > 1:
+        return outcomes + _run_subprocesses(out, experiment, base_overrides, todo, parallel, log)
+    from lmjax.train.loop import TrainingHalted
+
+    for i, (p, step) in enumerate(todo, 1):
+        head = f"[{i}/{len(todo)}] {p.name}" + (f" (resuming from step {step})" if step is not None else "")
+        log(f"{head}: training, log in {out / p.name / LOG_FILE}")
+        t0 = time.time()
+        try:
+            _train_here(cfgs[p.name], out / p.name)
+        except (TrainingHalted, UserError) as e:
+            outcomes.append(Outcome(p, "failed", time.time() - t0, str(e)))
+            log(f"[{i}/{len(todo)}] {p.name}: failed: {e}")
+            continue
+        outcomes.append(Outcome(p, "done", time.time() - t0))
+        log(f"[{i}/{len(todo)}] {p.name}: done in {time.time() - t0:.0f}s")
+    return outcomes
+
+
+def _die_with_parent() -> None:
+    """In a child: SIGTERM it (train saves and stops) if the sweep dies, even by kill -9 (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def _devices(n: int) -> list[str]:
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return [visible[i % len(visible)] if visible else str(i) for i in range(n)]
+
+
+def _run_subprocesses(out: Path, experiment: str, base_overrides, todo, parallel: int, log) -> list[Outcome]:
+    queue, free, running, outcomes = list(todo), _devices(parallel), {}, []
+    try:
+        while queue or running:
+            while queue and free:
+                (p, step), device = queue.pop(0), free.pop(0)
+                run_dir = out / p.name
+                run_dir.mkdir(parents=True, exist_ok=True)
+                env = {**os.environ, "CUDA_VISIBLE_DEVICES": device}
+                with open(run_dir / LOG_FILE, "a") as f:
+                    proc = subprocess.Popen(train_command(experiment, run_dir, [*base_overrides, *p.overrides]),
+                                            stdout=f, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+                running[proc] = (p, device, time.time())
+                log(f"{p.name}: training on device {device}" + (f", resuming from step {step}" if step else ""))
+            time.sleep(0.2)
+            for proc in [q for q in running if q.poll() is not None]:
+                p, device, t0 = running.pop(proc)
+                free.append(device)
+                ok = proc.returncode == 0
+                outcomes.append(Outcome(p, "done" if ok else "failed", time.time() - t0,
+                                        "" if ok else f"exit status {proc.returncode}"))
+                log(f"{p.name}: {'done' if ok else f'failed (exit status {proc.returncode})'} in {time.time() - t0:.0f}s"
+                    + ("" if ok else f"; see {out / p.name / LOG_FILE}"))
+    finally:  # Ctrl-C or an error here: each child saves on SIGTERM and the next sweep resumes it
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        for proc in running:
+            proc.wait()
+    return outcomes
+
+
+def slurm_script(out: Path, experiment: str, base_overrides, todo: list[Point]) -> Path:
+    """A SLURM array script with one task per unfinished point (`sbatch` it; resubmit to resume)."""
+    cases = "\n".join(f"  {i}) NAME={shlex.quote(p.name)}; ARGS=({' '.join(shlex.quote('--config.' + o) for o in p.overrides)}) ;;"
+                      for i, p in enumerate(todo))
+    base = " ".join(shlex.quote(o) for o in base_overrides)
+    text = f"""#!/bin/bash
+# lmjax sweep of {experiment}: one array task per unfinished point. Edit the resources for your cluster.
+# On SIGTERM (time limit, preemption) a run saves and stops; submit again and it resumes.
+#SBATCH --job-name=lmjax-{out.name}
+#SBATCH --array=0-{len(todo) - 1}
+#SBATCH --output={out.absolute()}/slurm-%A_%a.out
+#SBATCH --gres=gpu:1
+set -euo pipefail
+case "$SLURM_ARRAY_TASK_ID" in
+{cases}
+esac
+exec ${{LMJAX:-lmjax}} train {shlex.quote(str(Path(experiment).absolute()))} --workdir "{out.absolute()}/$NAME" {base} "${{ARGS[@]}}"
+"""
+    path = out / "sweep.slurm"
+    path.write_text(text)
+    return path
