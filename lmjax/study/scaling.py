@@ -107,7 +107,7 @@ def plan(cfg, budgets: list[float], per_budget: int) -> list[tuple[Point, dict]]
                 f"{smallest_ok:.3g}")
         guess = math.sqrt(budget / 120)
         centre = min(range(len(feasible)), key=lambda i: abs(math.log(feasible[i][1] / guess)))
-        first = max(0, min(centre - per_budget // 2, len(feasible) - per_budget))
+        first = max(0, min(centre - (per_budget - 1) // 2, len(feasible) - per_budget))  # even K: one more above
         for sz, n, fpt in feasible[first:first + per_budget]:
             steps = round(budget / (fpt * tokens_per_step))
             warmup = max(1, round(warmup_fraction * steps)) if cfg.optim.warmup_steps else 0

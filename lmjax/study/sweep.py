@@ -31,11 +31,16 @@ LOCK_FILE = "sweep.lock"
 LOG_FILE = "train.log"  # each point's own output, inside its run directory
 
 
+def say(line: str) -> None:
+    """A line of the sweep's own progress, shown at once even when stdout is a file."""
+    print(line, flush=True)
+
+
 class SweepLock:
     """Exclusive use of a sweep directory. `fcntl.flock` is released by the kernel when its process
     ends, even by kill -9, so a lock left behind is recognised as stale; the file names the holder."""
 
-    def __init__(self, out: Path, log=print):
+    def __init__(self, out: Path, log=say):
         self.path = Path(out) / LOCK_FILE
         self.log = log
         self.fd = None
@@ -136,7 +141,7 @@ def _train_here(cfg, run_dir: Path) -> None:
 
 
 def run_points(out: Path, experiment: str, base_overrides, points: list[Point], cfgs: dict, parallel: int = 1,
-               log=print) -> list[Outcome]:
+               log=say) -> list[Outcome]:
     """Train every unfinished point: in this process one after another, or `parallel` subprocesses
     of `lmjax train` at once, each given one GPU (CUDA_VISIBLE_DEVICES; on CPU they share the cores)."""
     todo, outcomes = [], []
