@@ -71,7 +71,11 @@ def _train(args, overrides, base, points, kind: str, columns: list[str], extra: 
             print(f"wrote {path} ({len(todo)} array tasks); submit with `sbatch {path}`, then run this command "
                   "again (without --slurm) to see the results")
             return None
-        outcomes = sweep_lib.run_points(out, args.experiment, overrides, points, cfgs, args.parallel)
+        try:
+            outcomes = sweep_lib.run_points(out, args.experiment, overrides, points, cfgs, args.parallel)
+        except sweep_lib.Stopped as e:
+            print(f"lmjax: {e}", flush=True)
+            raise SystemExit(e.status) from None
     failed = [o for o in outcomes if o.status == "failed"]
     for o in failed:
         print(f"failed: {o.point.name}: {o.message}")
@@ -100,8 +104,6 @@ def cmd_study(args, overrides) -> int:
     base = config_lib.load(args.experiment, overrides)
     planned = scaling.plan(base, parse_budgets(args.budgets), args.per_budget)
     points = [p for p, _ in planned]
-    for p, facts in planned:
-        p.values.update(N=facts["N"], D=facts["D"])
     extra = {"budgets": sorted({f["budget"] for _, f in planned}), "per_budget": args.per_budget}
     columns = ["budget", "model.d_model", "model.n_layers", "N", "D"]
     failed = _train(args, overrides, base, points, "study", columns, extra)
@@ -117,7 +119,7 @@ def cmd_study(args, overrides) -> int:
             continue
         runs.append({"name": p.name, **facts, "loss": last[1], "steps": steps, "d_model": p.values["model.d_model"],
                      "n_layers": p.values["model.n_layers"], "time": _run_time(out / p.name)})
-    if len({r["budget"] for r in runs}) < 1 or len(runs) < 3:
+    if len(runs) < 3:
         raise UserError(f"only {len(runs)} runs of {out} finished ({', '.join(missing)} did not); run the command again")
     fits = fit.fit_with_intervals(runs, samples=args.bootstrap)
     plots = write_plots(out, runs, fits)
@@ -149,9 +151,18 @@ def runs_table(directory: str) -> str | None:
 
 
 def plot(directory: str, x: str, out: str | None, log_x: bool) -> Path | None:
-    """`lmjax plot DIR --x KEY` of a sweep directory (None when DIR is no sweep or KEY is step, tokens or time)."""
-    from lmjax.study.report import is_sweep, plot_points
+    """`lmjax plot DIR --x KEY` of a sweep directory: final held-out loss against a swept key, or with
+    --x step | tokens | time every point's loss curves (None when DIR is no sweep directory)."""
+    from lmjax.study.report import is_sweep, plot_points, read_spec
 
-    if not is_sweep(directory) or x in ("step", "tokens", "time"):
+    if not is_sweep(directory):
         return None
+    if x in ("step", "tokens", "time"):
+        from lmjax.metrics import plot_runs
+
+        runs = [Path(directory) / name for name in read_spec(directory)["points"]]
+        runs = [r for r in runs if (r / "metrics.jsonl").is_file()]
+        if not runs:
+            raise UserError(f"no point of {directory} has started training; run the sweep first")
+        return plot_runs(runs, out or Path(directory) / "loss.png", x, log_x)
     return plot_points(directory, x, out or Path(directory) / f"heldout_vs_{x.replace('.', '_')}.png", log_x)

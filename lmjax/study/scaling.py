@@ -115,8 +115,8 @@ def plan(cfg, budgets: list[float], per_budget: int) -> list[tuple[Point, dict]]
                          f"train.save_every={-(-steps // 4)}", f"train.eval_every={steps}",
                          f"train.log_every={max(1, steps // 10)}"]
             name = f"C={_format_budget(budget)}__d_model={sz.d_model}__n_layers={sz.n_layers}"
-            values = {"budget": budget, "model.d_model": sz.d_model, "model.n_layers": sz.n_layers}
             d = steps * tokens_per_step
+            values = {"budget": budget, "model.d_model": sz.d_model, "model.n_layers": sz.n_layers, "N": n, "D": d}
             runs.append((Point(name, tuple(overrides), values),
                          {"budget": budget, "s": sz.s, "N": n, "D": d, "C": fpt * d}))
     return runs

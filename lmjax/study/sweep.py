@@ -117,6 +117,14 @@ def finished_step(run_dir: Path) -> int | None:
         ckpts.close()
 
 
+class Stopped(Exception):
+    """SIGTERM or Ctrl-C stopped the sweep; the run in flight saved first. `status`: the exit status."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 @dataclass
 class Outcome:
     point: Point
@@ -156,7 +164,7 @@ def run_points(out: Path, experiment: str, base_overrides, points: list[Point], 
         f"{len(todo) - resumed} new")
     if parallel > 1:
         return outcomes + _run_subprocesses(out, experiment, base_overrides, todo, parallel, log)
-    from lmjax.train.loop import TrainingHalted
+    from lmjax.train.loop import Preempted, TrainingHalted
 
     for i, (p, step) in enumerate(todo, 1):
         head = f"[{i}/{len(todo)}] {p.name}" + (f" (resuming from step {step})" if step is not None else "")
@@ -164,6 +172,10 @@ def run_points(out: Path, experiment: str, base_overrides, points: list[Point], 
         t0 = time.time()
         try:
             _train_here(cfgs[p.name], out / p.name)
+        except Preempted as e:
+            raise Stopped(f"sweep stopped in {p.name}: {e}", 128 + e.signum) from None
+        except KeyboardInterrupt:  # before its train loop started: nothing of this point to save
+            raise Stopped(f"sweep stopped before {p.name} started training; run the same command to resume", 130) from None
         except (TrainingHalted, UserError) as e:
             outcomes.append(Outcome(p, "failed", time.time() - t0, str(e)))
             log(f"[{i}/{len(todo)}] {p.name}: failed: {e}")
@@ -209,6 +221,8 @@ def _run_subprocesses(out: Path, experiment: str, base_overrides, todo, parallel
                                         "" if ok else f"exit status {proc.returncode}"))
                 log(f"{p.name}: {'done' if ok else f'failed (exit status {proc.returncode})'} in {time.time() - t0:.0f}s"
                     + ("" if ok else f"; see {out / p.name / LOG_FILE}"))
+    except KeyboardInterrupt:
+        raise Stopped(f"sweep stopped; {len(running)} runs saved on SIGTERM; run the same command to resume", 130) from None
     finally:  # Ctrl-C or an error here: each child saves on SIGTERM and the next sweep resumes it
         for proc in running:
             proc.send_signal(signal.SIGTERM)
