@@ -123,6 +123,21 @@ def test_a_sweep_killed_with_sigkill_resumes_and_retrains_nothing_finished(tmp_p
     assert not (out / sweep.LOCK_FILE).read_text()  # released
 
 
+def test_parallel_points_run_at_once_as_train_subprocesses(tmp_path, corpus_dir):
+    exp = write_experiment(tmp_path / "exp.py", corpus_dir)
+    out = tmp_path / "sweep"
+    r = run_cli(["sweep", str(exp), "--grid", "optim.lr=1e-3,3e-3", "--parallel", "2", "--out", str(out)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    started = [i for i, line in enumerate(lines) if "training on device" in line]
+    ended = [i for i, line in enumerate(lines) if ": done in" in line]
+    assert len(started) == 2 and len(ended) == 2 and max(started) < min(ended)  # both ran at once
+    assert {lines[i].split("device ")[1] for i in started} == {"0", "1"}
+    for name in ("lr=0.001", "lr=0.003"):
+        assert sweep.finished_step(out / name) == 6
+        assert "done: step 6" in (out / name / sweep.LOG_FILE).read_text()
+
+
 def _synthetic_runs(law: dict, budgets, sizes_per_budget: int, noise: float, seed: int) -> list[dict]:
     """IsoFLOP runs with losses from L(N, D) = E + A/N^alpha + B/D^beta, times lognormal noise; C = 6·N·D."""
     e, a, b, alpha, beta = (law[k] for k in ("E", "A", "B", "alpha", "beta"))
