@@ -343,7 +343,8 @@ def cmd_plan(args, overrides) -> int:
 
 COMMANDS = {"plan": cmd_plan, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "import-hf": cmd_import_hf,
             "export-hf": cmd_export_hf, "plot": cmd_plot, "runs": cmd_runs,
-            "sweep": lambda a, o: _study_command("cmd_sweep", a, o), "study": lambda a, o: _study_command("cmd_study", a, o)}
+            "sweep": lambda a, o: _study_command("cmd_sweep", a, o),
+            "study": lambda a, o: _study_command("cmd_study", a, o)}
 
 
 def _study_command(name: str, args, overrides) -> int:

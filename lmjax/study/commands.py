@@ -120,7 +120,8 @@ def cmd_study(args, overrides) -> int:
         runs.append({"name": p.name, **facts, "loss": last[1], "steps": steps, "d_model": p.values["model.d_model"],
                      "n_layers": p.values["model.n_layers"], "time": _run_time(out / p.name)})
     if len(runs) < 3:
-        raise UserError(f"only {len(runs)} runs of {out} finished ({', '.join(missing)} did not); run the command again")
+        raise UserError(f"only {len(runs)} runs of {out} finished ({', '.join(missing)} did not); "
+                        "run the command again")
     fits = fit.fit_with_intervals(runs, samples=args.bootstrap)
     plots = write_plots(out, runs, fits)
     spec = read_spec(out)

@@ -108,7 +108,8 @@ def write_plots(out: Path, runs: list[dict], fits: dict) -> list[Path]:
 
 def format_study(runs: list[dict], fits: dict) -> str:
     """Every run, each budget's optimum, and the fitted laws with their 95% intervals."""
-    lines = [f"{'budget C':>10} {'d_model':>7} {'layers':>6} {'N':>10} {'D tokens':>10} {'steps':>6} {'loss':>8} {'time':>6}"]
+    lines = [f"{'budget C':>10} {'d_model':>7} {'layers':>6} {'N':>10} {'D tokens':>10} {'steps':>6} {'loss':>8} "
+             f"{'time':>6}"]
     for r in sorted(runs, key=lambda r: (r["budget"], r["N"])):
         lines.append(f"{r['budget']:>10.3g} {r['d_model']:>7} {r['n_layers']:>6} {r['N']:>10,.0f} {r['D']:>10,.0f} "
                      f"{r['steps']:>6} {r['loss']:>8.4f} {r.get('time') or 0:>5.0f}s")

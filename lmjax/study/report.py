@@ -24,7 +24,8 @@ def is_sweep(directory: str | Path) -> bool:
 def read_spec(out: str | Path) -> dict:
     path = Path(out) / SPEC_FILE
     if not path.is_file():
-        raise UserError(f"{out} is not a sweep directory (no {SPEC_FILE}); pass the --out of `lmjax sweep` or `lmjax study`")
+        raise UserError(f"{out} is not a sweep directory (no {SPEC_FILE}); pass the --out of `lmjax sweep` or "
+                        "`lmjax study`")
     return json.loads(path.read_text())
 
 
@@ -66,15 +67,15 @@ def format_points(out: str | Path) -> str:
     header = ("rank", *columns, "steps", "held-out loss", "wall time", "run")
     rows = []
     for i, r in enumerate(point_rows(out), 1):
-        t = r["time"]
-        rows.append((str(i) if r["heldout_loss"] is not None else "-", *(_cell(r["values"].get(c, "")) for c in columns),
-                     f"{r['steps']:,}/{r['planned']:,}", "-" if r["heldout_loss"] is None else f"{r['heldout_loss']:.4f}",
+        t, loss = r["time"], r["heldout_loss"]
+        rows.append(("-" if loss is None else str(i), *(_cell(r["values"].get(c, "")) for c in columns),
+                     f"{r['steps']:,}/{r['planned']:,}", "-" if loss is None else f"{loss:.4f}",
                      "-" if t is None else f"{t:.0f}s", r["run"]))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == len(header) - 1 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in [header, *rows]]
-    return f"{spec['kind']} {out} of {spec['experiment']}: {len(rows)} points, ranked by held-out loss at the last step\n" \
-        + "\n".join(lines)
+    title = f"{spec['kind']} {out} of {spec['experiment']}: {len(rows)} points, ranked by held-out loss at the end"
+    return "\n".join([title, *lines])
 
 
 def resolve_column(spec: dict, key: str) -> str:

@@ -81,7 +81,8 @@ def _read_holder(fd: int) -> dict:
         return {}
 
 
-def open_spec(out: Path, experiment: str, base, kind: str, points: list[Point], columns: list[str], extra: dict) -> dict:
+def open_spec(out: Path, experiment: str, base, kind: str, points: list[Point], columns: list[str],
+              extra: dict) -> dict:
     """Write (or extend) `sweep.json`; refuse a directory made from another experiment's config.
     `columns` are the keys of the points' values that tables and plots show."""
     path = Path(out) / SPEC_FILE
@@ -175,7 +176,8 @@ def run_points(out: Path, experiment: str, base_overrides, points: list[Point], 
         except Preempted as e:
             raise Stopped(f"sweep stopped in {p.name}: {e}", 128 + e.signum) from None
         except KeyboardInterrupt:  # before its train loop started: nothing of this point to save
-            raise Stopped(f"sweep stopped before {p.name} started training; run the same command to resume", 130) from None
+            raise Stopped(f"sweep stopped before {p.name} started training; run the same command to resume",
+                          130) from None
         except (TrainingHalted, UserError) as e:
             outcomes.append(Outcome(p, "failed", time.time() - t0, str(e)))
             log(f"[{i}/{len(todo)}] {p.name}: failed: {e}")
@@ -219,10 +221,11 @@ def _run_subprocesses(out: Path, experiment: str, base_overrides, todo, parallel
                 ok = proc.returncode == 0
                 outcomes.append(Outcome(p, "done" if ok else "failed", time.time() - t0,
                                         "" if ok else f"exit status {proc.returncode}"))
-                log(f"{p.name}: {'done' if ok else f'failed (exit status {proc.returncode})'} in {time.time() - t0:.0f}s"
-                    + ("" if ok else f"; see {out / p.name / LOG_FILE}"))
+                what = "done" if ok else f"failed (exit status {proc.returncode})"
+                log(f"{p.name}: {what} in {time.time() - t0:.0f}s" + ("" if ok else f"; see {out / p.name / LOG_FILE}"))
     except KeyboardInterrupt:
-        raise Stopped(f"sweep stopped; {len(running)} runs saved on SIGTERM; run the same command to resume", 130) from None
+        raise Stopped(f"sweep stopped; {len(running)} runs saved on SIGTERM; run the same command to resume",
+                      130) from None
     finally:  # Ctrl-C or an error here: each child saves on SIGTERM and the next sweep resumes it
         for proc in running:
             proc.send_signal(signal.SIGTERM)
@@ -231,11 +234,16 @@ def _run_subprocesses(out: Path, experiment: str, base_overrides, todo, parallel
     return outcomes
 
 
+def _quoted(overrides) -> str:
+    return " ".join(shlex.quote("--config." + o) for o in overrides)
+
+
 def slurm_script(out: Path, experiment: str, base_overrides, todo: list[Point]) -> Path:
     """A SLURM array script with one task per unfinished point (`sbatch` it; resubmit to resume)."""
-    cases = "\n".join(f"  {i}) NAME={shlex.quote(p.name)}; ARGS=({' '.join(shlex.quote('--config.' + o) for o in p.overrides)}) ;;"
+    cases = "\n".join(f"  {i}) NAME={shlex.quote(p.name)}; ARGS=({_quoted(p.overrides)}) ;;"
                       for i, p in enumerate(todo))
     base = " ".join(shlex.quote(o) for o in base_overrides)
+    experiment_path = shlex.quote(str(Path(experiment).absolute()))
     text = f"""#!/bin/bash
 # lmjax sweep of {experiment}: one array task per unfinished point. Edit the resources for your cluster.
 # On SIGTERM (time limit, preemption) a run saves and stops; submit again and it resumes.
@@ -247,7 +255,7 @@ set -euo pipefail
 case "$SLURM_ARRAY_TASK_ID" in
 {cases}
 esac
-exec ${{LMJAX:-lmjax}} train {shlex.quote(str(Path(experiment).absolute()))} --workdir "{out.absolute()}/$NAME" {base} "${{ARGS[@]}}"
+exec ${{LMJAX:-lmjax}} train {experiment_path} --workdir "{out.absolute()}/$NAME" {base} "${{ARGS[@]}}"
 """
     path = out / "sweep.slurm"
     path.write_text(text)
