@@ -9,7 +9,8 @@ fraction.
 
     lmjax study experiments/study_stdlib.py --budgets 1e12,3e12,1e13 --per-budget 4 --out runs/study_stdlib
 
-12 runs, budgets spanning 10x (5.6e13 FLOPs in all), from 20k to 1.6M matmul parameters.
+12 runs, budgets spanning 10x (5.6e13 FLOPs in all), from 20k to 1.6M matmul parameters; the
+smallest ones see the 11.7M training tokens up to 1.7 times (3e12 with s = 1).
 What it can tell: where the loss-optimal size sits for these budgets on this corpus and
 schedule, and roughly how fast it moves. What it cannot: exponents to two digits (three
 budgets, four sizes each, one seed, one learning rate for every size), or anything about
