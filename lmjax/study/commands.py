@@ -68,8 +68,9 @@ def _train(args, overrides, base, points, kind: str, columns: list[str], extra: 
                 print(f"every point of {out} is finished")
                 return None
             path = sweep_lib.slurm_script(out, args.experiment, overrides, todo)
-            print(f"wrote {path} ({len(todo)} array tasks); submit with `sbatch {path}`, then run this command "
-                  "again (without --slurm) to see the results")
+            tasks = f"{len(todo)} array task{'s' * (len(todo) != 1)}"
+            print(f"wrote {path} ({tasks}); submit with `sbatch {path}`, then run this command again (without --slurm) "
+                  "to see the results")
             return None
         try:
             outcomes = sweep_lib.run_points(out, args.experiment, overrides, points, cfgs, args.parallel)
