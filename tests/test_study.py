@@ -19,6 +19,7 @@ import pytest
 from conftest import ROOT, run_cli, tiny_config, write_experiment
 from lmjax.errors import UserError
 from lmjax.study import fit, grid, scaling, sweep
+from lmjax.study.report import format_points
 
 
 def test_grid_expands_to_every_combination_named_by_its_values(corpus_dir):
@@ -89,25 +90,46 @@ def _files(run_dir: Path) -> dict:
             for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != "train.log"}
 
 
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()  # an unreaped zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the sweep's children")
 def test_a_sweep_killed_with_sigkill_resumes_and_retrains_nothing_finished(tmp_path, corpus_dir):
     exp = write_experiment(tmp_path / "exp.py", corpus_dir, "c.train.save_every = 30\nc.train.eval_every = 1000\n"
                                                             "c.train.log_every = 20")
     out = tmp_path / "sweep"
-    args = [sys.executable, "-m", "lmjax.cli", "sweep", str(exp), "--grid", "train.steps=8,300", "--out", str(out)]
-    first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    grid_args = ["sweep", str(exp), "--grid", "train.steps=8,300", "--out", str(out)]
+    # First with --parallel 2: both points at once as `lmjax train` subprocesses; then kill -9 the sweep.
+    first = subprocess.Popen([sys.executable, "-m", "lmjax.cli", *grid_args, "--parallel", "2"], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     done, long = out / "steps=8", out / "steps=300"
     deadline = time.time() + 300
     while not any(p.name.isdigit() for p in (long / "checkpoints").glob("*")):
         assert first.poll() is None and time.time() < deadline, first.stdout.read() if first.poll() is not None else ""
         time.sleep(0.05)
+    children = _children(first.pid)
     first.send_signal(signal.SIGKILL)
-    first.wait()
+    lines = first.communicate()[0].splitlines()
+    while any(_running(c) for c in children):  # the trainer saves on the SIGTERM its parent's death sends
+        assert time.time() < deadline
+        time.sleep(0.05)
+    started = [line for line in lines if "training on device" in line]
+    assert [line.split("device ")[1] for line in started] == ["0", "1"]
+    assert not any(": done in" in line for line in lines[:lines.index(started[1])])  # both ran at once
     killed_at = sweep.finished_step(long)
     assert killed_at is not None and 30 <= killed_at < 300
     assert sweep.finished_step(done) == 8
     before = _files(done)
 
-    again = run_cli(["sweep", str(exp), "--grid", "train.steps=8,300", "--out", str(out)])
+    again = run_cli(grid_args)  # in this process, one after another
     assert again.returncode == 0, again.stdout + again.stderr
     assert "taking over the lock" in again.stdout
     assert "2 points; 1 finished (skipped), 1 to resume, 0 new" in again.stdout
@@ -117,25 +139,10 @@ def test_a_sweep_killed_with_sigkill_resumes_and_retrains_nothing_finished(tmp_p
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == list(range(20, 301, 20))  # each step logged once, across the kill
 
-    table = run_cli(["runs", str(out)]).stdout.splitlines()
+    table = format_points(out).splitlines()
     assert table[1].split()[:3] == ["rank", "train.steps", "steps"]
     assert [line.split()[1] for line in table[2:]] == ["300", "8"]  # the longer run has the lower loss
     assert not (out / sweep.LOCK_FILE).read_text()  # released
-
-
-def test_parallel_points_run_at_once_as_train_subprocesses(tmp_path, corpus_dir):
-    exp = write_experiment(tmp_path / "exp.py", corpus_dir)
-    out = tmp_path / "sweep"
-    r = run_cli(["sweep", str(exp), "--grid", "optim.lr=1e-3,3e-3", "--parallel", "2", "--out", str(out)])
-    assert r.returncode == 0, r.stdout + r.stderr
-    lines = r.stdout.splitlines()
-    started = [i for i, line in enumerate(lines) if "training on device" in line]
-    ended = [i for i, line in enumerate(lines) if ": done in" in line]
-    assert len(started) == 2 and len(ended) == 2 and max(started) < min(ended)  # both ran at once
-    assert {lines[i].split("device ")[1] for i in started} == {"0", "1"}
-    for name in ("lr=0.001", "lr=0.003"):
-        assert sweep.finished_step(out / name) == 6
-        assert "done: step 6" in (out / name / sweep.LOG_FILE).read_text()
 
 
 def _synthetic_runs(law: dict, budgets, sizes_per_budget: int, noise: float, seed: int) -> list[dict]:
@@ -210,3 +217,30 @@ def test_a_directory_of_another_experiment_is_refused_naming_the_keys(tmp_path, 
     with pytest.raises(UserError, match="holds a study, not a sweep"):
         sweep.open_spec(tmp_path, "a.py", base, "sweep", points, ["optim.lr"], {})
     sweep.open_spec(tmp_path, "a.py", tiny_config(corpus_dir, **{"train.log_every": 7}), "study", points, [], {})
+
+
+@pytest.mark.slow
+def test_a_study_trains_fits_plots_and_refuses_another_experiments_directory(tmp_path, corpus_dir):
+    exp = write_experiment(tmp_path / "exp.py", corpus_dir, "c.train.steps = 100\nc.optim.warmup_steps = 5\n"
+                                                            "c.optim.lr = 3e-3")
+    out = tmp_path / "study"
+    args = ["study", str(exp), "--budgets", "1.2e10,2.4e10", "--per-budget", "3", "--out", str(out),
+            "--bootstrap", "20"]
+    r = run_cli(args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    record = json.loads((out / "study.json").read_text())
+    assert len(record["runs"]) == 6 and not record["unfinished"]
+    assert {r["budget"] for r in record["runs"]} == {1.2e10, 2.4e10}
+    for run in record["runs"]:
+        assert run["loss"] == pytest.approx(json.loads((out / run["name"] / "metrics.jsonl").read_text()
+                                                       .splitlines()[-1])["heldout_loss"])
+    assert set(record["fits"]) >= {"isoflop", "N_opt_law", "D_opt_law", "parametric"}
+    assert all((out / name).stat().st_size > 0 for name in ("isoflop.png", "frontier.png", "predicted.png"))
+    assert "N_opt ∝ C^a" in r.stdout and "L(N, D) = E + A/N^alpha + B/D^beta" in r.stdout
+
+    again = run_cli(args)  # nothing to train: the fits are made again from the finished runs
+    assert again.returncode == 0 and "6 finished (skipped), 0 to resume, 0 new" in again.stdout
+
+    other = run_cli([*args, "--config.optim.lr=1e-2"])
+    assert other.returncode == 2
+    assert "holds a study of a different experiment (optim.lr: 0.003 -> 0.01)" in other.stderr
