@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from matplotlib.ticker import NullFormatter
 
 from lmjax.study.fit import predict
 
@@ -64,6 +65,11 @@ def plot_frontier(fits: dict, path: Path) -> Path:
             ax.plot([], [], " ", label=f"parametric: exponent {p['a' if j == 0 else 'b']:.2f}")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ys = [m[field] for m in found]
+        for axis in (ax.xaxis, ax.yaxis):  # ticks at the data: a range under 10x has no decade to label
+            axis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(c, [f"{v:.3g}" for v in c])
+        ax.set_yticks(ys, [f"{v:.3g}" for v in ys])
         ax.set_xlabel("C (training FLOPs)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
