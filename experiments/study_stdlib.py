@@ -14,7 +14,8 @@ smallest ones see the 11.7M training tokens up to 1.7 times (3e12 with s = 1).
 What it can tell: where the loss-optimal size sits for these budgets on this corpus and
 schedule, and roughly how fast it moves. What it cannot: exponents to two digits (three
 budgets, four sizes each, one seed, one learning rate for every size), or anything about
-budgets far beyond 1e13. Results and wall time: README, "Studies".
+budgets far beyond 1e13. What it reaches: not yet measured on idle cores; README, "Studies",
+is where its fitted exponents, intervals and wall time are quoted.
 """
 
 from lmjax.config import base_config
