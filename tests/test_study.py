@@ -111,8 +111,12 @@ def test_a_sweep_killed_with_sigkill_resumes_and_retrains_nothing_finished(tmp_p
     first = subprocess.Popen([sys.executable, "-m", "lmjax.cli", *grid_args, "--parallel", "2"], cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     done, long = out / "steps=8", out / "steps=300"
-    deadline = time.time() + 300
-    while not any(p.name.isdigit() for p in (long / "checkpoints").glob("*")):
+    deadline = time.time() + 600
+
+    def saved(run_dir: Path) -> list[int]:  # complete checkpoints: orbax renames a step's directory when done
+        return [int(p.name) for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit()]
+
+    while not (8 in saved(done) and saved(long)):  # the short point finished, the long one part-way
         assert first.poll() is None and time.time() < deadline, first.stdout.read() if first.poll() is not None else ""
         time.sleep(0.05)
     children = _children(first.pid)
