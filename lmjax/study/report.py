@@ -55,6 +55,8 @@ def point_rows(out: str | Path) -> list[dict]:
 
 
 def _cell(value) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3g}"
     return str(value)
