@@ -214,7 +214,7 @@ def cmd_export_hf(args, overrides) -> int:
 
 
 def cmd_plot(args, overrides) -> int:
-    from lmjax.metrics import plot_runs
+    from lmjax.runs import plot_runs
     from lmjax.study.commands import plot as plot_sweep
 
     if len(args.run_dirs) == 1 and (written := plot_sweep(args.run_dirs[0], args.x, args.out, args.log_x)):
@@ -236,7 +236,7 @@ def cmd_plot(args, overrides) -> int:
 
 
 def cmd_runs(args, overrides) -> int:
-    from lmjax.metrics import find_runs, format_runs, run_summary
+    from lmjax.runs import find_runs, format_runs, run_summary
     from lmjax.study.commands import runs_table
 
     table = runs_table(args.dir)

@@ -145,3 +145,17 @@ def greedy_without_cache(model, params, tokens_BxL, prompt_lens_B):
         return tokens_BxL.at[:, t].set(nxt_B.astype(jnp.int32))
 
     return jax.lax.fori_loop(jnp.min(prompt_lens_B), tokens_BxL.shape[1], body, tokens_BxL)
+
+
+def sample_text(model, params, tokenizer, sample_cfg, max_new_tokens: int = 100) -> str:
+    """A short sample (prompt + continuation) for the logs, with the config's `sample` settings."""
+    prompt = sample_cfg.prompt or "\n"
+    ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
+    max_len = getattr(getattr(model, "cfg", None), "max_len", None)
+    try:
+        new = generate(model, params, [ids], max_new_tokens, temperature=sample_cfg.temperature,
+                       top_k=sample_cfg.top_k, top_p=sample_cfg.top_p, seed=sample_cfg.seed,
+                       eot_id=tokenizer.eot_id, max_len=max_len)[0]
+    except UserError as e:  # e.g. a prompt longer than the context: the run itself is fine
+        return f"(no sample: {e})"
+    return prompt + tokenizer.decode(new)

@@ -160,7 +160,7 @@ def plot(directory: str, x: str, out: str | None, log_x: bool) -> Path | None:
     if not is_sweep(directory):
         return None
     if x in ("step", "tokens", "time"):
-        from lmjax.metrics import plot_runs
+        from lmjax.runs import plot_runs
 
         runs = [Path(directory) / name for name in read_spec(directory)["points"]]
         runs = [r for r in runs if (r / "metrics.jsonl").is_file()]

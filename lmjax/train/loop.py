@@ -21,10 +21,11 @@ from lmjax.data import Data, prepare
 from lmjax.data.batches import Prefetcher, TrainBatches, heldout_subset, local_rows
 from lmjax.errors import UserError
 from lmjax.flops import Utilisation
-from lmjax.metrics import MetricsWriter, Progress, StepTrace, sample_text, truncate_after
+from lmjax.metrics import MetricsWriter, Progress, StepTrace, truncate_after
 from lmjax.run import (Run, build_run, check_resume, check_tokenizer, count_params, main_process_first,
                        probe_writable, tokenizer_record, write_config)
 from lmjax.runlock import RunLock
+from lmjax.sample import sample_text
 from lmjax.train.parallel import build_parallel, check_batch
 from lmjax.train.step import make_eval_step, make_train_step
 
