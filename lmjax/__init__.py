@@ -22,6 +22,7 @@ from pathlib import Path
 __version__ = "0.1.0"
 
 
-def default_cache_dir() -> Path:
-    """Where lmjax keeps what it builds once (data caches, the CPU peak, native code): $LMJAX_CACHE, else ~/.cache/lmjax."""
-    return Path(os.environ.get("LMJAX_CACHE") or Path.home() / ".cache" / "lmjax")
+def default_cache_dir(configured: str | os.PathLike = "") -> Path:
+    """Where lmjax keeps what it builds once (data caches, the CPU peak, native code): `configured`
+    (the config's data.cache_dir) when set, else $LMJAX_CACHE, else ~/.cache/lmjax."""
+    return Path(configured or os.environ.get("LMJAX_CACHE") or Path.home() / ".cache" / "lmjax")

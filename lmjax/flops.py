@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmjax import default_cache_dir
 from lmjax.models.transformer import TransformerConfig
 
 
@@ -258,11 +259,10 @@ class Utilisation:
         """From the config, the built model and the parallel strategy (may probe the CPU once)."""
         import jax
 
-        from lmjax.data.cache import cache_root
-
         n_devices = devices_used(parallel)
         local = max(n_devices // jax.process_count(), 1)
-        peak = peak_flops(jax.local_devices()[0], cfg.model.dtype, cfg.train.peak_flops, cache_root(cfg.data), local)
+        peak = peak_flops(jax.local_devices()[0], cfg.model.dtype, cfg.train.peak_flops,
+                          default_cache_dir(cfg.data.cache_dir), local)
         return cls(flops_per_token(getattr(model, "cfg", None), cfg.data.seq_len), peak, n_devices)
 
     def mfu(self, tokens_per_s: float) -> float | None:

@@ -52,7 +52,7 @@ class TokenSplit:
 
 
 def cache_root(data_cfg) -> Path:
-    return Path(data_cfg.cache_dir) if data_cfg.cache_dir else default_cache_dir()
+    return default_cache_dir(data_cfg.cache_dir)
 
 
 def cache_key(dataset_fingerprint: str, tokenizer: Tokenizer) -> str:
