@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT, tiny_config
 from lmjax.data import cache
 from lmjax.data.cache import build_or_load, cache_root
-from lmjax.data.sources import carve, load_corpus, split_stdlib_files, stdlib_files
+from lmjax.data.sources import carve, load_corpus, split_stdlib_files, stdlib_files, text_fingerprint
 from lmjax.data.tokenizers import ByteTokenizer
 from lmjax.data.vocab_tokenizers import EOS, UNK, WordTokenizer
 
@@ -227,6 +227,23 @@ def test_second_run_reuses_cache_and_changes_make_new_ones(tmp_path, monkeypatch
     assert len(changed.tokens) != len(first.tokens)
     entries = [p for p in cache_root(cfg).iterdir() if p.is_dir()]
     assert not [p for p in entries if p.name.startswith(".")]  # no temporary directory left
+
+
+def test_text_fingerprint_follows_the_text_not_how_it_is_stored():
+    """Equal documents give an equal fingerprint (in memory, selected from a larger set, as large
+    strings); any other selection, order or split between documents gives another."""
+    import datasets
+    import pyarrow as pa
+
+    docs = DOCS + ["", None]
+    ds = datasets.Dataset.from_dict({"text": docs})
+    fp = text_fingerprint
+    assert fp(ds.select(range(5))) == fp(datasets.Dataset.from_dict({"text": docs[:5]}))
+    large = datasets.Dataset(pa.table({"text": pa.array(docs[3:9], pa.large_string())}))
+    assert fp(ds.select(range(3, 9))) == fp(large)
+    others = [ds, ds.select(range(5)), ds.select(range(6)), ds.select([1, 0]), ds.select([0, 1]),
+              datasets.Dataset.from_dict({"text": ["ab", "c"]}), datasets.Dataset.from_dict({"text": ["a", "bc"]})]
+    assert len({fp(d) for d in others}) == len(others)
 
 
 def test_parallel_tokenization_gives_the_same_cache(tmp_path):

@@ -7,10 +7,10 @@ Layout of a split (documents joined by end-of-text):  doc0 EOT doc1 EOT ...
   doc_bytes.npy   int64 [D]: UTF-8 bytes of each document's text
   meta.json       what was tokenized with what; written last
 
-A split's directory is named by a hash of (cache version, the split's dataset fingerprint,
-the tokenizer's fingerprint). The dataset fingerprint covers the source and its settings
-(files and their modification times, format, text field, held-out carving, max_documents),
-so a changed file or setting or tokenizer gives a new entry and anything else reuses one.
+A split's directory is named by a hash of (cache version, the split's text fingerprint, the
+tokenizer's fingerprint). The text fingerprint hashes the split's documents in order, so
+whatever changes the text (an edited file, another format, text field, held-out carving or
+max_documents) or the tokenizer gives a new entry and anything else reuses one.
 Entries are built in a temporary directory and renamed into place, under a lock file, so a
 cache is either complete or absent even when several processes build the same one.
 """
@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from lmjax import default_cache_dir
+from lmjax.data.sources import text_fingerprint
 from lmjax.data.tokenizers import Tokenizer
 from lmjax.errors import UserError
 
@@ -193,7 +194,7 @@ def publish(tmp: Path, directory: Path, marker: str = "meta.json") -> None:
         os.rename(tmp, directory)
 
 
-def _build(directory: Path, name: str, ds, tokenizer: Tokenizer, data_cfg) -> int:
+def _build(directory: Path, name: str, ds, fingerprint: str, tokenizer: Tokenizer, data_cfg) -> int:
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
         total = _pack(_tokenize(ds, tokenizer, data_cfg.num_proc), tokenizer.eot_id, tokenizer.vocab_size, tmp)
@@ -205,7 +206,7 @@ def _build(directory: Path, name: str, ds, tokenizer: Tokenizer, data_cfg) -> in
         meta = {
             "version": CACHE_VERSION,
             "split": name,
-            "dataset": ds._fingerprint,
+            "dataset": fingerprint,
             "documents": len(ds),
             "tokens": total,
             "tokenizer": {"kind": tokenizer.kind, "fingerprint": tokenizer.fingerprint()},
@@ -222,7 +223,8 @@ def build_or_load(splits: dict, tokenizer: Tokenizer, data_cfg, log=print) -> di
     root = cache_root(data_cfg)
     out = {}
     for name, ds in splits.items():
-        directory = root / cache_key(ds._fingerprint, tokenizer)
+        fingerprint = text_fingerprint(ds)
+        directory = root / cache_key(fingerprint, tokenizer)
         if is_complete(directory):
             log(f"reusing token cache for {name}: {directory}")
         else:
@@ -231,7 +233,7 @@ def build_or_load(splits: dict, tokenizer: Tokenizer, data_cfg, log=print) -> di
                 if is_complete(directory):  # built by another process while this one waited
                     log(f"reusing token cache for {name}: {directory}")
                 else:
-                    total = _build(directory, name, ds, tokenizer, data_cfg)
+                    total = _build(directory, name, ds, fingerprint, tokenizer, data_cfg)
                     log(f"tokenized {name} ({len(ds):,} documents, {total:,} tokens) into cache {directory}")
         out[name] = load_split(directory)
     return out

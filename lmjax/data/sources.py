@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from lmjax.errors import UserError
 
@@ -101,6 +102,24 @@ def _text_column(ds, field: str, where: str):
     if field != "text":
         ds = ds.rename_column(field, "text")
     return ds
+
+
+def text_fingerprint(ds) -> str:
+    """A hash of a split's documents in order (each one's UTF-8 bytes and length), for the token
+    cache's key: equal text gives an equal fingerprint in any process, an edited file another."""
+    h = hashlib.sha256()
+    for batch in ds.with_format("arrow").iter(batch_size=10_000):
+        for chunk in batch.column("text").chunks:
+            if len(chunk) == 0:
+                continue
+            # Arrow's string layout: document i is values[offsets[i]:offsets[i + 1]]; a slice of an
+            # array shares the whole buffers and starts at its `offset`.
+            _, offsets_buffer, values = chunk.buffers()
+            width = 8 if pa.types.is_large_string(chunk.type) else 4
+            offsets = np.frombuffer(offsets_buffer, f"<i{width}")[chunk.offset:chunk.offset + len(chunk) + 1]
+            h.update(np.array([len(chunk)], "<i8").tobytes() + np.diff(offsets).astype("<i8").tobytes())
+            h.update(b"" if values is None else values[int(offsets[0]):int(offsets[-1])])
+    return h.hexdigest()[:32]
 
 
 def carve(n_docs: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
