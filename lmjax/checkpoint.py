@@ -9,11 +9,8 @@ target shardings, so a checkpoint saved on one device layout restores onto anoth
 
 from __future__ import annotations
 
-import json
-import logging
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,45 +20,38 @@ from orbax.checkpoint import checkpoint_managers as cm
 
 from lmjax.errors import UserError
 
-class _DropOrbaxErrorLogs(logging.Filter):
-    """Orbax logs a failed background save with tracebacks before raising it to us; we report
-    every such failure as one line (Checkpoints.save / wait), so its own logs are noise."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        frame = sys._getframe(1)  # absl reports itself as the caller: look up the stack instead
-        while frame is not None:
-            if "/orbax/" in frame.f_code.co_filename.replace("\\", "/"):
-                return False
-            frame = frame.f_back
-        return True
-
-
-def _ignore_closed_loop(hook):
-    """TensorStore writes that finish after Orbax abandoned a failed save report to an asyncio
-    loop that is already closed, printing one traceback each; the failure itself is reported."""
-
-    def unraisablehook(unraisable):
-        if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
-            return
-        hook(unraisable)
-
-    unraisablehook.lmjax_quiet = True
-    return unraisablehook
-
-
-def _quiet_orbax() -> None:
-    """Installed when checkpoints are first used, not on import: absl's log level to ERROR
-    (Orbax logs INFO and WARNING lines through it), and the two filters above."""
-    absl_logger = logging.getLogger("absl")
-    if absl_logger.level < logging.ERROR:
-        absl_logger.setLevel(logging.ERROR)
-    if not any(isinstance(f, _DropOrbaxErrorLogs) for f in absl_logger.filters):
-        absl_logger.addFilter(_DropOrbaxErrorLogs())
-    if not getattr(sys.unraisablehook, "lmjax_quiet", False):
-        sys.unraisablehook = _ignore_closed_loop(sys.unraisablehook)
-
-
 TRASH = ".deleted"  # old checkpoints are renamed here (atomic), then removed
+JSON_FILE = "metadata"  # the file of a JSON item (Orbax's default name, given explicitly: messages name it)
+
+
+class NamedJsonHandler(ocp.handlers.JsonCheckpointHandler):
+    """Orbax's JSON item handler whose parse errors name the file read, so that the message
+    for a damaged checkpoint points at it (Orbax's own error names no file)."""
+
+    def __init__(self):
+        super().__init__(filename=JSON_FILE)
+
+    def restore(self, directory, item=None, args=None):
+        try:
+            return super().restore(directory, item, args)
+        except ValueError as e:  # json.JSONDecodeError
+            e.filename = str(Path(directory) / JSON_FILE)
+            raise
+
+
+def item_handlers() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """What each item of a checkpoint is: the train state (restored whole, or its parameters
+    alone by a partial PyTree restore), the resolved config and the tokenizer record (JSON)."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    state = ocp.handlers.StandardCheckpointHandler()
+    registry.add("state", ocp.args.StandardSave, state)
+    registry.add("state", ocp.args.StandardRestore, state)
+    registry.add("state", ocp.args.PyTreeRestore, ocp.handlers.PyTreeCheckpointHandler())
+    for item in ("config", "tokenizer"):
+        json_items = NamedJsonHandler()
+        registry.add(item, ocp.args.JsonSave, json_items)
+        registry.add(item, ocp.args.JsonRestore, json_items)
+    return registry
 
 
 class CheckpointWriteError(UserError):
@@ -70,7 +60,6 @@ class CheckpointWriteError(UserError):
 
 class Checkpoints:
     def __init__(self, directory: str | Path, keep: int = 3, read_only: bool = False):
-        _quiet_orbax()
         self.directory = Path(directory).absolute()
         if read_only and not self.directory.is_dir():
             raise UserError(f"no checkpoints in {self.directory.parent}: it has no checkpoints/ directory; train first with `lmjax train EXPERIMENT.py --workdir {self.directory.parent}`")
@@ -85,8 +74,7 @@ class Checkpoints:
             todelete_subdir=None if read_only else TRASH, enable_async_checkpointing=True)
         self.read_only = read_only
         self.failed = False  # a save failed (reported once)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "config", "tokenizer"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=item_handlers())
         if not read_only:
             self.purge_deleted()
 
@@ -157,42 +145,35 @@ class Checkpoints:
                  f"or move {self.directory / str(step)} out of checkpoints/ to resume training from it") if older else ""
         return UserError(f"checkpoint {self.directory / str(step)} is corrupted or incomplete: {unreadable_part(error)}{offer}")
 
+    def _restore(self, step: int, missing_ok: bool = False, **items) -> dict | None:
+        """Restore the named items of the checkpoint at `step`; a read failure names what failed.
+        With `missing_ok`, a checkpoint saved without one of the items gives None."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # any read failure means an unusable checkpoint
+            if missing_ok and isinstance(e, KeyError):  # Orbax's documented error for an absent item
+                return None
+            raise self._corrupt(step, e) from None
+
     def restore_state(self, step: int, target: Any) -> Any:
         """Restore the state at `step` onto `target` (a pytree of ShapeDtypeStruct with shardings)."""
-        try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-        except Exception as e:  # noqa: BLE001 - any read failure means an unusable checkpoint
-            raise self._corrupt(step, e) from None
-        return restored["state"]
+        return self._restore(step, state=ocp.args.StandardRestore(target))["state"]
 
     def restore_params(self, step: int, target: Any) -> Any:
         """Restore only the parameters of the state at `step` onto `target` (ShapeDtypeStructs
         with shardings): eval and sample read no optimizer moments (2x the parameters' memory)."""
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)  # shapes, dtypes, shardings
-        try:
-            with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
-                restored = reader.restore(self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
-                    item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
-        except Exception as e:  # noqa: BLE001 - any read failure means an unusable checkpoint
-            raise self._corrupt(step, e) from None
-        return restored["params"]
+        params = ocp.args.PyTreeRestore(item={"params": target}, restore_args={"params": restore_args},
+                                        partial_restore=True)
+        return self._restore(step, state=params)["state"]["params"]
 
     def restore_config(self, step: int) -> dict:
-        return self._read_json(step, "config", "metadata")
+        return self._restore(step, config=ocp.args.JsonRestore())["config"]
 
     def restore_tokenizer(self, step: int) -> dict | None:
         """What `save(..., tokenizer=)` stored, or None for a checkpoint saved without it."""
-        if not (self.directory / str(step) / "tokenizer").is_dir():
-            return None
-        return self._read_json(step, "tokenizer", "metadata")
-
-    def _read_json(self, step: int, item: str, name: str) -> dict:
-        path = self.directory / str(step) / item / name
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            e.filename = str(path)
-            raise self._corrupt(step, e) from None
+        restored = self._restore(step, missing_ok=True, tokenizer=ocp.args.JsonRestore())
+        return None if restored is None else restored["tokenizer"]
 
     def wait(self) -> None:
         """Block until async saves are written; a failed one raises a UserError."""
