@@ -26,8 +26,21 @@ from lmjax.interrupts import (Interrupted, deferred, interrupted_within, raise_o
 def _quiet_logs() -> None:
     import logging
 
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    # Orbax logs via absl: progress, and a failed save's tracebacks before raising it (lmjax prints one line).
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _drop_closed_loop_errors() -> None:
+    """After a failed save, TensorStore writes that Orbax abandoned finish into its closed asyncio
+    loop, each printing a traceback; the failure itself is reported in one line (no public switch)."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def cmd_train(args, overrides) -> int:
@@ -366,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with raise_on_signals():  # from the first moment: parsing imports the config schema
             _quiet_logs()
+            if called_as_program:  # a process-wide hook: the program's to set, not a library caller's
+                _drop_closed_loop_errors()
             with deferred():  # imports the config schema, so flax and JAX
                 parser = build_parser()
             try:
