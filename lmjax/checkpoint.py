@@ -62,7 +62,8 @@ class Checkpoints:
     def __init__(self, directory: str | Path, keep: int = 3, read_only: bool = False):
         self.directory = Path(directory).absolute()
         if read_only and not self.directory.is_dir():
-            raise UserError(f"no checkpoints in {self.directory.parent}: it has no checkpoints/ directory; train first with `lmjax train EXPERIMENT.py --workdir {self.directory.parent}`")
+            raise UserError(f"no checkpoints in {self.directory.parent}: it has no checkpoints/ directory; train first "
+                            f"with `lmjax train EXPERIMENT.py --workdir {self.directory.parent}`")
         preserve = cm.AnyPreservationPolicy([
             cm.LatestN(keep),
             cm.BestN(get_metric_fn=lambda m: m["heldout_loss"], reverse=True, n=1,
@@ -105,7 +106,7 @@ class Checkpoints:
             items["tokenizer"] = ocp.args.JsonSave(tokenizer)
         try:  # also reports the previous async save, if it failed
             self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
-        except Exception as e:  # noqa: BLE001 - a failed write: full disk, lost permissions, ...
+        except Exception as e:  # a failed write: full disk, lost permissions, ...
             raise self.write_failed(f"could not write a checkpoint in {self.directory}: {write_error(e)}") from None
 
     def write_failed(self, what: str) -> CheckpointWriteError:
@@ -113,11 +114,12 @@ class Checkpoints:
         self.failed = True
         try:  # Orbax lists a step from the moment its save starts: ask the disk what completed
             self.manager.reload()
-        except Exception:  # noqa: BLE001
+        except Exception:  # the error being reported matters more than a stale step list
             pass
         latest = self.latest_step()
-        kept = f"the last complete checkpoint is step {latest}" if latest is not None else "no checkpoint is complete yet"
-        return CheckpointWriteError(f"{what}; {kept}. Free disk space (or fix the directory) and run the same command to resume")
+        kept = "no checkpoint is complete yet" if latest is None else f"the last complete checkpoint is step {latest}"
+        return CheckpointWriteError(f"{what}; {kept}. Free disk space (or fix the directory) and run the same command "
+                                    "to resume")
 
     def resolve(self, which: str | int) -> int:
         """'latest' | 'best' | a step number → an existing step, or a UserError saying what exists."""
@@ -136,14 +138,16 @@ class Checkpoints:
         except ValueError:
             raise UserError(f"--checkpoint must be latest, best or a step number, got '{which}'") from None
         if step not in steps:
-            raise UserError(f"no checkpoint at step {step} in {self.directory}; available steps: {', '.join(map(str, steps))}")
+            raise UserError(f"no checkpoint at step {step} in {self.directory}; "
+                            f"available steps: {', '.join(map(str, steps))}")
         return step
 
     def _corrupt(self, step: int, error: Exception) -> UserError:
         older = [s for s in self.all_steps() if s < step]
+        where = self.directory / str(step)
         offer = (f"; the previous checkpoint is step {older[-1]}: pass --checkpoint {older[-1]} to eval or sample, "
-                 f"or move {self.directory / str(step)} out of checkpoints/ to resume training from it") if older else ""
-        return UserError(f"checkpoint {self.directory / str(step)} is corrupted or incomplete: {unreadable_part(error)}{offer}")
+                 f"or move {where} out of checkpoints/ to resume training from it") if older else ""
+        return UserError(f"checkpoint {where} is corrupted or incomplete: {unreadable_part(error)}{offer}")
 
     def _restore(self, step: int, missing_ok: bool = False, **items) -> dict | None:
         """Restore the named items of the checkpoint at `step`; a read failure names what failed.
@@ -179,14 +183,14 @@ class Checkpoints:
         """Block until async saves are written; a failed one raises a UserError."""
         try:
             self.manager.wait_until_finished()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # a failed background write: full disk, lost permissions, ...
             if not self.failed:  # else already reported
                 raise self.write_failed(f"could not write a checkpoint in {self.directory}: {write_error(e)}") from None
 
     def close(self) -> None:
         try:
             self.manager.close()
-        except Exception:  # noqa: BLE001 - already reported by save() or wait()
+        except Exception:  # already reported by save() or wait()
             if not self.failed:
                 raise
         if not self.read_only:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from lmjax.errors import UserError
 from lmjax.metrics import read_jsonl
@@ -50,8 +50,8 @@ def plot_runs(run_dirs: Iterable[str | Path], out: str | Path, x: str = "step", 
             raise UserError(f"{run_dir} has no metrics.jsonl entries; pass the --workdir of a `lmjax train` run")
         xs = _x_values(records, x, run_dir)
         prefix = f"{name} " if len(run_dirs) > 1 else ""
-        for key, style, label in (("loss", dict(lw=1.3, alpha=0.85), "train"),
-                                  ("heldout_loss", dict(ls="--", marker="o", ms=4, lw=1.3), "held-out")):
+        for key, style, label in (("loss", {"lw": 1.3, "alpha": 0.85}, "train"),
+                                  ("heldout_loss", {"ls": "--", "marker": "o", "ms": 4, "lw": 1.3}, "held-out")):
             pts = [(xv, r[key]) for xv, r in zip(xs, records)
                    if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
             if pts:
@@ -101,7 +101,7 @@ def run_summary(run_dir: Path) -> dict:
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    s = int(round(seconds))
+    s = round(seconds)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
