@@ -31,6 +31,10 @@ class NamedJsonHandler(ocp.handlers.JsonCheckpointHandler):
     def __init__(self):
         super().__init__(filename=JSON_FILE)
 
+    @classmethod
+    def typestr(cls) -> str:  # recorded in each checkpoint: Orbax's own JSON handler reads the item
+        return ocp.handlers.JsonCheckpointHandler.typestr()
+
     def restore(self, directory, item=None, args=None):
         try:
             return super().restore(directory, item, args)
@@ -46,7 +50,8 @@ def item_handlers() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
     state = ocp.handlers.StandardCheckpointHandler()
     registry.add("state", ocp.args.StandardSave, state)
     registry.add("state", ocp.args.StandardRestore, state)
-    registry.add("state", ocp.args.PyTreeRestore, ocp.handlers.PyTreeCheckpointHandler())
+    # Registered for any item, not for "state": a checkpoint records its items' handlers, the ones that saved it.
+    registry.add(None, ocp.args.PyTreeRestore, ocp.handlers.PyTreeCheckpointHandler())
     for item in ("config", "tokenizer"):
         json_items = NamedJsonHandler()
         registry.add(item, ocp.args.JsonSave, json_items)

@@ -51,6 +51,16 @@ def test_state_params_config_and_tokenizer_come_back(saved):
     assert ckpts.best_step() == 2
 
 
+def test_checkpoints_record_orbax_own_handlers(saved):
+    """Any Orbax reader opens them: lmjax's JSON adapter and its partial restore leave no trace."""
+    import orbax.checkpoint as ocp
+
+    recorded = Checkpoints(saved, read_only=True).manager.metadata(1).item_handlers
+    json_type = ocp.handlers.JsonCheckpointHandler.typestr()
+    assert recorded == {"state": ocp.handlers.StandardCheckpointHandler.typestr(), "config": json_type,
+                        "tokenizer": json_type}
+
+
 def test_damaged_config_is_named_by_its_file(saved, tmp_path):
     """NamedJsonHandler adds the file to Orbax's JSON parse error: this fails if Orbax stops
     calling it, or moves the file the message names."""
