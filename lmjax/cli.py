@@ -31,16 +31,11 @@ def _quiet_logs() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def _drop_closed_loop_errors() -> None:
-    """After a failed save, TensorStore writes that Orbax abandoned finish into its closed asyncio
-    loop, each printing a traceback; the failure itself is reported in one line (no public switch)."""
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
-            previous(unraisable)
-
-    sys.unraisablehook = hook
+def _drop_closed_loop_errors(unraisable, previous=sys.unraisablehook) -> None:
+    """The program's sys.unraisablehook: TensorStore writes that Orbax abandoned after a failed save end in
+    its closed asyncio loop, a traceback each; the failure is already one line (Orbax has no switch for it)."""
+    if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+        previous(unraisable)
 
 
 def cmd_train(args, overrides) -> int:
@@ -380,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         with raise_on_signals():  # from the first moment: parsing imports the config schema
             _quiet_logs()
             if called_as_program:  # a process-wide hook: the program's to set, not a library caller's
-                _drop_closed_loop_errors()
+                sys.unraisablehook = _drop_closed_loop_errors
             with deferred():  # imports the config schema, so flax and JAX
                 parser = build_parser()
             try:
