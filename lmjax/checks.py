@@ -192,12 +192,15 @@ def check_paths_exist(paths: list[str], what: str) -> None:
 # ---------------------------------------------------------------- files written
 
 
-def check_output_file(path: Path, flag: str, example: str) -> None:
-    """A file the command will write: not a directory, its folder exists and is a folder."""
+def check_output_file(path: Path, flag: str, example: str, creates_folder: bool = False) -> None:
+    """A file the command will write: not a directory; its folder exists (or, with
+    `creates_folder`, can be made: no file stands in the way)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path} is a directory; name a file, e.g. {path / example}")
     parent = path.absolute().parent
+    if creates_folder:
+        parent = next((p for p in (parent, *parent.parents) if p.exists()), parent)
     if not parent.is_dir():
         state = "is not a directory" if parent.exists() else "does not exist"
         raise UserError(f"{flag} {path}: the folder {parent} {state}; create it or choose another path")

@@ -22,7 +22,6 @@ import struct
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, write_experiment
 
 DOC = ROOT / "docs" / "errors.md"
@@ -496,8 +495,9 @@ def strict_json(path: Path):
 
 
 def test_eval_data_scores_all_of_it_whatever_the_runs_cap(tiny_run, tmp_path, capsys):
-    from lmjax.cli import eval_data_config, main
+    from lmjax.cli import main
     from lmjax.config import base_config, set_value
+    from lmjax.eval_run import eval_data_config
 
     cfg = base_config()
     set_value(cfg, "data.max_documents", 3)  # a quick-experiment cap on the run's own data

@@ -85,7 +85,7 @@ def test_segment_ids_reset_the_state_at_document_boundaries():
 
 
 def test_lstm_trains_evaluates_and_samples_through_the_common_machinery(corpus_dir, tmp_path):
-    from lmjax.cli import evaluate_run
+    from lmjax.eval_run import evaluate_run
     from lmjax.run import load_run
     from lmjax.sample import generate
     from lmjax.train.loop import train

@@ -16,6 +16,7 @@ from typing import Callable
 import jax
 
 from lmjax import scratch_cache
+from lmjax.backend import startup_lines
 from lmjax.checkpoint import Checkpoints
 from lmjax.data import Data, prepare
 from lmjax.data.batches import Prefetcher, TrainBatches, heldout_subset, local_rows
@@ -260,6 +261,8 @@ def _train(cfg, run_dir: Path, log: Callable[[str], None], stop_at: int | None) 
     is_main = jax.process_index() == 0
     say = log if is_main else (lambda *_: None)
     t_start = time.time()
+    for line in startup_lines(cfg):  # backend, device, attention (one the device cannot run: UserError)
+        say(line)
 
     # Set up: layout, checkpoints, data, model; restore or init.
     parallel = build_parallel(cfg.parallel)
