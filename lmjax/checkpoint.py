@@ -67,17 +67,28 @@ class Checkpoints:
     def __init__(self, directory: str | Path, keep: int = 3, read_only: bool = False):
         self.directory = Path(directory).absolute()
         if read_only and not self.directory.is_dir():
-            raise UserError(f"no checkpoints in {self.directory.parent}: it has no checkpoints/ directory; train first "
-                            f"with `lmjax train EXPERIMENT.py --workdir {self.directory.parent}`")
-        preserve = cm.AnyPreservationPolicy([
-            cm.LatestN(keep),
-            cm.BestN(get_metric_fn=lambda m: m["heldout_loss"], reverse=True, n=1,
-                     keep_checkpoints_without_metrics=False),
-        ])
+            raise UserError(
+                f"no checkpoints in {self.directory.parent}: it has no checkpoints/ directory; train first "
+                f"with `lmjax train EXPERIMENT.py --workdir {self.directory.parent}`"
+            )
+        preserve = cm.AnyPreservationPolicy(
+            [
+                cm.LatestN(keep),
+                cm.BestN(
+                    get_metric_fn=lambda m: m["heldout_loss"], reverse=True, n=1, keep_checkpoints_without_metrics=False
+                ),
+            ]
+        )
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=preserve, best_fn=lambda m: m["heldout_loss"], best_mode="min",
-            cleanup_tmp_directories=not read_only, read_only=read_only, create=not read_only,
-            todelete_subdir=None if read_only else TRASH, enable_async_checkpointing=True)
+            preservation_policy=preserve,
+            best_fn=lambda m: m["heldout_loss"],
+            best_mode="min",
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
+            create=not read_only,
+            todelete_subdir=None if read_only else TRASH,
+            enable_async_checkpointing=True,
+        )
         self.read_only = read_only
         self.failed = False  # a save failed (reported once)
         self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=item_handlers())
@@ -100,8 +111,15 @@ class Checkpoints:
     def best_step(self) -> int | None:
         return self.manager.best_step()
 
-    def save(self, step: int, state: Any, config: dict, heldout_loss: float | None = None, force: bool = False,
-             tokenizer: dict | None = None) -> None:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        config: dict,
+        heldout_loss: float | None = None,
+        force: bool = False,
+        tokenizer: dict | None = None,
+    ) -> None:
         """Start an async save of the global (unreplicated) state; returns before it is written.
         `tokenizer` (kind, vocab_size, fingerprint) lets a restore check the run's tokenizer."""
         self.purge_deleted()
@@ -123,8 +141,9 @@ class Checkpoints:
             pass
         latest = self.latest_step()
         kept = "no checkpoint is complete yet" if latest is None else f"the last complete checkpoint is step {latest}"
-        return CheckpointWriteError(f"{what}; {kept}. Free disk space (or fix the directory) and run the same command "
-                                    "to resume")
+        return CheckpointWriteError(
+            f"{what}; {kept}. Free disk space (or fix the directory) and run the same command to resume"
+        )
 
     def resolve(self, which: str | int) -> int:
         """'latest' | 'best' | a step number → an existing step, or a UserError saying what exists."""
@@ -143,15 +162,22 @@ class Checkpoints:
         except ValueError:
             raise UserError(f"--checkpoint must be latest, best or a step number, got '{which}'") from None
         if step not in steps:
-            raise UserError(f"no checkpoint at step {step} in {self.directory}; "
-                            f"available steps: {', '.join(map(str, steps))}")
+            raise UserError(
+                f"no checkpoint at step {step} in {self.directory}; available steps: {', '.join(map(str, steps))}"
+            )
         return step
 
     def _corrupt(self, step: int, error: Exception) -> UserError:
         older = [s for s in self.all_steps() if s < step]
         where = self.directory / str(step)
-        offer = (f"; the previous checkpoint is step {older[-1]}: pass --checkpoint {older[-1]} to eval or sample, "
-                 f"or move {where} out of checkpoints/ to resume training from it") if older else ""
+        offer = (
+            (
+                f"; the previous checkpoint is step {older[-1]}: pass --checkpoint {older[-1]} to eval or sample, "
+                f"or move {where} out of checkpoints/ to resume training from it"
+            )
+            if older
+            else ""
+        )
         return UserError(f"checkpoint {where} is corrupted or incomplete: {unreadable_part(error)}{offer}")
 
     def _restore(self, step: int, missing_ok: bool = False, **items) -> dict | None:
@@ -172,8 +198,9 @@ class Checkpoints:
         """Restore only the parameters of the state at `step` onto `target` (ShapeDtypeStructs
         with shardings): eval and sample read no optimizer moments (2x the parameters' memory)."""
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)  # shapes, dtypes, shardings
-        params = ocp.args.PyTreeRestore(item={"params": target}, restore_args={"params": restore_args},
-                                        partial_restore=True)
+        params = ocp.args.PyTreeRestore(
+            item={"params": target}, restore_args={"params": restore_args}, partial_restore=True
+        )
         return self._restore(step, state=params)["state"]["params"]
 
     def restore_config(self, step: int) -> dict:
@@ -220,8 +247,11 @@ def unreadable_part(error: BaseException) -> str:
 
 # absl status codes TensorStore reports for a failed write with no OS error text: absl maps
 # EFBIG to OUT_OF_RANGE, ENOSPC to RESOURCE_EXHAUSTED, EACCES to PERMISSION_DENIED.
-_STATUS_REASONS = {"OUT_OF_RANGE": "File too large", "RESOURCE_EXHAUSTED": "No space left on device",
-                   "PERMISSION_DENIED": "Permission denied"}
+_STATUS_REASONS = {
+    "OUT_OF_RANGE": "File too large",
+    "RESOURCE_EXHAUSTED": "No space left on device",
+    "PERMISSION_DENIED": "Permission denied",
+}
 
 
 def write_error(error: BaseException) -> str:

@@ -12,9 +12,10 @@ import math
 import os
 import shutil
 import struct
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lmjax.errors import UserError
 

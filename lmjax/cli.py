@@ -59,8 +59,10 @@ def cmd_eval(args, overrides) -> int:
     from lmjax.eval_run import evaluate_run, format_report, side_by_side
 
     if args.json and len(args.run_dirs) > 1:
-        raise UserError("--json names one report file, but several runs were given; drop --json (each report "
-                        "goes to RUN_DIR/eval_stepN.json)")
+        raise UserError(
+            "--json names one report file, but several runs were given; drop --json (each report "
+            "goes to RUN_DIR/eval_stepN.json)"
+        )
     if args.json:
         checks.check_output_file(Path(args.json), "--json", example="report.json")
     reports = []
@@ -71,8 +73,10 @@ def cmd_eval(args, overrides) -> int:
         out = Path(args.json) if args.json else Path(run_dir) / f"eval_step{step}{suffix}.json"
         checks.write_json_atomic(out, report)
         if args.per_document:
-            checks.write_text_atomic(out.with_name(out.stem + "_documents.jsonl"), "".join(
-                json.dumps(checks.finite_or_null({"document": i, **d})) + "\n" for i, d in enumerate(per_doc)))
+            checks.write_text_atomic(
+                out.with_name(out.stem + "_documents.jsonl"),
+                "".join(json.dumps(checks.finite_or_null({"document": i, **d})) + "\n" for i, d in enumerate(per_doc)),
+            )
         args.written.append(str(out))
         reports.append((run_dir, report))
         print(format_report(f"{run_dir} at step {step}", report))
@@ -93,8 +97,19 @@ def cmd_sample(args, overrides) -> int:
     ids = [tok.encode(p) or [tok.eot_id] for p in prompts]
     max_len = getattr(run.model.cfg, "max_len", None) if cfg.model.kind == "transformer" else None
     max_new = checks.new_tokens_within_context(args.max_new_tokens, max(map(len, ids)), max_len)
-    outs = generate(run.model, params, ids, max_new, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, greedy=args.greedy, seed=args.seed, eot_id=tok.eot_id, max_len=max_len)
+    outs = generate(
+        run.model,
+        params,
+        ids,
+        max_new,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        greedy=args.greedy,
+        seed=args.seed,
+        eot_id=tok.eot_id,
+        max_len=max_len,
+    )
     for prompt, prompt_ids, new in zip(prompts, ids, outs):
         text = cut_at_stop(tok.decode_after(prompt_ids, new), args.stop or [])
         print(f"--- sample from {args.run_dir} at step {step} ---")
@@ -116,8 +131,12 @@ def cmd_export_hf(args, overrides) -> int:
 
     out = Path(args.out).absolute()
     checks.check_new_directory(out, "export-hf --out", args.force, protect=(Path(args.run_dir),))
-    checks.write_directory_atomic(out, lambda tmp: export_hf(
-        args.run_dir, tmp, args.checkpoint, log=lambda line: print(line.replace(str(tmp), str(out)))))
+    checks.write_directory_atomic(
+        out,
+        lambda tmp: export_hf(
+            args.run_dir, tmp, args.checkpoint, log=lambda line: print(line.replace(str(tmp), str(out)))
+        ),
+    )
     return 0
 
 
@@ -178,9 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="lmjax", description="Train, resume, evaluate and sample language models in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train an experiment (resumes if the workdir has checkpoints)",
-                       description="Extra --config.KEY=VALUE arguments override the experiment's config.",
-                       epilog=choices_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    t = sub.add_parser(
+        "train",
+        help="train an experiment (resumes if the workdir has checkpoints)",
+        description="Extra --config.KEY=VALUE arguments override the experiment's config.",
+        epilog=choices_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     t.add_argument("experiment", help="experiments/NAME.py")
     t.add_argument("--workdir", help="run directory (default runs/NAME)")
     t.add_argument("--stop-at", type=int, help="stop after this step with a checkpoint; run again to resume")
@@ -190,9 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", default="latest", help="latest | best | STEP")
     e.add_argument("--stride", type=int, default=0, help="window stride (default: eval.stride, else the context)")
     e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--data", help="evaluate on another source with the run's tokenizer: files or globs "
-                   "(all documents), a save_to_disk directory, 'stdlib', or 'hub:NAME[/CONFIG]'; "
-                   "--config.data.KEY=VALUE sets format, text_field, split_by")
+    e.add_argument(
+        "--data",
+        help="evaluate on another source with the run's tokenizer: files or globs "
+        "(all documents), a save_to_disk directory, 'stdlib', or 'hub:NAME[/CONFIG]'; "
+        "--config.data.KEY=VALUE sets format, text_field, split_by",
+    )
     e.add_argument("--json", help="where to write the report (default RUN_DIR/eval_stepN.json)")
     e.add_argument("--per-document", action="store_true", help="also write each document's figures as JSONL")
 
@@ -208,12 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
 
-    i = sub.add_parser("import-hf", help="a Hugging Face GPT-2 / LLaMA (safetensors) → a run directory at step 0",
-                       description="Extra --config.KEY=VALUE arguments set data, eval and train keys of the run.")
+    i = sub.add_parser(
+        "import-hf",
+        help="a Hugging Face GPT-2 / LLaMA (safetensors) → a run directory at step 0",
+        description="Extra --config.KEY=VALUE arguments set data, eval and train keys of the run.",
+    )
     i.add_argument("source", help="model directory (config.json + model.safetensors) or a .safetensors file")
     i.add_argument("--out", required=True, help="run directory to create")
-    i.add_argument("--tokenizer", help="tokenizer.json (or a directory holding one), an lmjax tokenizer directory, "
-                                       "or 'byte'; default: the model directory's tokenizer")
+    i.add_argument(
+        "--tokenizer",
+        help="tokenizer.json (or a directory holding one), an lmjax tokenizer directory, "
+        "or 'byte'; default: the model directory's tokenizer",
+    )
     x = sub.add_parser("export-hf", help="a run's checkpoint → a Hugging Face model directory (safetensors)")
     x.add_argument("run_dir")
     x.add_argument("--checkpoint", default="latest", help="latest | best | STEP")
@@ -222,14 +254,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plot", help="training and held-out loss curves of one or more runs (PNG)")
     pl.add_argument("run_dirs", nargs="+")
-    pl.add_argument("--x", default="step", help="x axis: step | tokens | time (wall seconds); for a sweep "
-                    "directory, a swept key: its final held-out loss against that key")
+    pl.add_argument(
+        "--x",
+        default="step",
+        help="x axis: step | tokens | time (wall seconds); for a sweep "
+        "directory, a swept key: its final held-out loss against that key",
+    )
     pl.add_argument("--log-x", action="store_true", help="logarithmic x axis")
     pl.add_argument("--out", help="PNG to write (default RUN_DIR/loss.png for one run, ./loss.png for several)")
 
-    pn = sub.add_parser("plan", help="compile the train step ahead of time: memory per device, FLOPs, shardings, "
-                        "and which devices it fits", description="Extra --config.KEY=VALUE arguments override the "
-                        "experiment's config.")
+    pn = sub.add_parser(
+        "plan",
+        help="compile the train step ahead of time: memory per device, FLOPs, shardings, and which devices it fits",
+        description="Extra --config.KEY=VALUE arguments override the experiment's config.",
+    )
     from lmjax.plan import add_arguments as plan_arguments
 
     plan_arguments(pn)
@@ -249,10 +287,18 @@ def cmd_plan(args, overrides) -> int:
     return run_plan(args.experiment, overrides, args.devices, args.device, args.json, args.compiler)
 
 
-COMMANDS = {"plan": cmd_plan, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "import-hf": cmd_import_hf,
-            "export-hf": cmd_export_hf, "plot": cmd_plot, "runs": cmd_runs,
-            "sweep": lambda a, o: _study_command("cmd_sweep", a, o),
-            "study": lambda a, o: _study_command("cmd_study", a, o)}
+COMMANDS = {
+    "plan": cmd_plan,
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "sample": cmd_sample,
+    "import-hf": cmd_import_hf,
+    "export-hf": cmd_export_hf,
+    "plot": cmd_plot,
+    "runs": cmd_runs,
+    "sweep": lambda a, o: _study_command("cmd_sweep", a, o),
+    "study": lambda a, o: _study_command("cmd_study", a, o),
+}
 
 
 def _study_command(name: str, args, overrides) -> int:
@@ -262,9 +308,13 @@ def _study_command(name: str, args, overrides) -> int:
 
 
 # What each command imports that loads native code, imported with signals deferred (lmjax.interrupts).
-HEAVY_IMPORTS = {"train": ("lmjax.run", "lmjax.train.loop"), "eval": ("lmjax.run", "lmjax.eval_run"),
-                 "sample": ("lmjax.run", "lmjax.sample"), "import-hf": ("lmjax.interop.hf",),
-                 "export-hf": ("lmjax.interop.hf",)}
+HEAVY_IMPORTS = {
+    "train": ("lmjax.run", "lmjax.train.loop"),
+    "eval": ("lmjax.run", "lmjax.eval_run"),
+    "sample": ("lmjax.run", "lmjax.sample"),
+    "import-hf": ("lmjax.interop.hf",),
+    "export-hf": ("lmjax.interop.hf",),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,15 +14,15 @@ import importlib.util
 import json
 import math
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ml_collections import ConfigDict
 
 from lmjax.errors import UserError
 from lmjax.models.attention import IMPLEMENTATIONS
 from lmjax.models.transformer import TransformerConfig
-
 
 # The allowed values of every key that takes a name: validation and `lmjax train --help` read them here.
 CHOICES = {
@@ -148,11 +148,26 @@ def base_config() -> ConfigDict:
 
 # Keys whose change on resume alters neither the model nor the data stream.
 RESUME_SAFE_PREFIXES = (
-    "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
-    "train.save_every", "train.keep", "train.on_nan", "train.resume", "train.peak_flops",
-    "train.profile_steps", "train.dispatch_ahead", "train.tensorboard", "train.wandb",
-    "parallel.", "eval.", "sample.", "data.num_proc", "data.cache_dir",
-    "model.attention", "model.cpu_kernels",  # how the same function is computed, not which
+    "train.steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.save_every",
+    "train.keep",
+    "train.on_nan",
+    "train.resume",
+    "train.peak_flops",
+    "train.profile_steps",
+    "train.dispatch_ahead",
+    "train.tensorboard",
+    "train.wandb",
+    "parallel.",
+    "eval.",
+    "sample.",
+    "data.num_proc",
+    "data.cache_dir",
+    "model.attention",
+    "model.cpu_kernels",  # how the same function is computed, not which
 )
 
 
@@ -200,7 +215,10 @@ def load_experiment(path: str | Path) -> ConfigDict:
     try:
         spec.loader.exec_module(module)
         if not hasattr(module, "get_config"):
-            raise UserError(f"experiment file '{path}' defines no get_config(); add `def get_config(): ...` returning lmjax.config.base_config() with your changes")
+            raise UserError(
+                f"experiment file '{path}' defines no get_config(); add `def get_config(): ...` returning "
+                "lmjax.config.base_config() with your changes"
+            )
         cfg = module.get_config()
     except (AttributeError, KeyError) as e:
         m = re.search(r"""Key ["']?([\w.]+)["']? does not exist""", str(e))
@@ -208,13 +226,18 @@ def load_experiment(path: str | Path) -> ConfigDict:
             raise unknown_key_error(m.group(1), str(path)) from None
         raise _experiment_error(path, e) from None
     except SyntaxError as e:
-        raise UserError(f"experiment file '{path}' has a syntax error at line {e.lineno}: {e.msg}; fix the file") from None
+        raise UserError(
+            f"experiment file '{path}' has a syntax error at line {e.lineno}: {e.msg}; fix the file"
+        ) from None
     except (UserError, KeyboardInterrupt):
         raise
-    except Exception as e:  # noqa: BLE001 - the user's code failed: say where, in one line
+    except Exception as e:
         raise _experiment_error(path, e) from None
     if not isinstance(cfg, ConfigDict):
-        raise UserError(f"get_config() in '{path}' returned {type(cfg).__name__}; return an ml_collections.ConfigDict from lmjax.config.base_config()")
+        raise UserError(
+            f"get_config() in '{path}' returned {type(cfg).__name__}; return an ml_collections.ConfigDict from "
+            "lmjax.config.base_config()"
+        )
     _check_schema(cfg, str(path))
     cfg.lock()
     return cfg
@@ -246,7 +269,10 @@ def _parse_value(key: str, text: str, default: Any) -> Any:
             return text
         return type(default)(ast.literal_eval(text))
     except (ValueError, SyntaxError):
-        raise UserError(f"config key '{key}' expects {'an' if kind.__name__[0] in 'aeiou' else 'a'} {kind.__name__} (default {default!r}), got '{text}'") from None
+        raise UserError(
+            f"config key '{key}' expects {'an' if kind.__name__[0] in 'aeiou' else 'a'} {kind.__name__} (default "
+            f"{default!r}), got '{text}'"
+        ) from None
 
 
 def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
@@ -273,30 +299,54 @@ def validate(cfg: ConfigDict) -> None:
     step_max = 2**31 - 1  # steps and sizes reach JAX as int32
     # key: (low, high, low_open, high_open); None = unbounded. Inclusive unless open.
     ranges = {
-        "seed": (0, seed_max, False, False), "data.seed": (0, seed_max, False, False),
-        "data.split_seed": (0, seed_max, False, False), "sample.seed": (0, seed_max, False, False),
-        "data.seq_len": (0, 2**31 - 1, True, False), "data.num_proc": (1, 1024, False, False),
-        "data.max_documents": (0, step_max, False, False), "tokenizer.vocab_size": (0, 2**31 - 1, False, False),
-        "model.vocab_size": (0, 2**31 - 1, False, False), "model.d_model": (0, step_max, True, False),
-        "model.n_layers": (0, step_max, True, False), "model.n_heads": (0, None, True, False),
-        "model.n_kv_heads": (0, None, False, False), "model.d_ff": (0, None, False, False),
-        "model.max_len": (0, 2**31 - 1, False, False), "model.rope_base": (0, None, True, False),
-        "model.norm_eps": (0, None, True, False), "model.dropout": (0, 1, False, True),
-        "optim.lr": (0, None, True, False), "optim.warmup_steps": (0, step_max, False, False),
-        "optim.min_lr_ratio": (0, 1, False, False), "optim.decay_factor": (0, None, True, False),
-        "optim.decay_start": (0, step_max, False, False), "optim.decay_every": (0, step_max, True, False),
-        "optim.weight_decay": (0, None, False, False), "optim.b1": (0, 1, False, True),
-        "optim.b2": (0, 1, False, True), "optim.eps": (0, None, True, False),
-        "optim.momentum": (0, 1, False, True), "optim.clip_norm": (0, None, False, False),
-        "train.steps": (0, step_max, True, False), "train.batch_size": (0, step_max, True, False),
-        "train.grad_accum": (0, None, True, False), "train.log_every": (0, step_max, True, False),
-        "train.eval_every": (0, step_max, True, False), "train.eval_batches": (0, None, True, False),
-        "train.save_every": (0, step_max, True, False), "train.keep": (0, None, True, False),
-        "train.peak_flops": (0, None, False, False), "train.profile_steps": (0, None, False, False),
-        "parallel.num_processes": (0, None, False, False), "parallel.process_id": (-1, None, False, False),
-        "eval.stride": (0, None, False, False), "eval.batch_size": (0, None, True, False),
-        "sample.max_new_tokens": (0, None, True, False), "sample.temperature": (0, None, True, False),
-        "sample.top_k": (0, None, False, False), "sample.top_p": (0, 1, True, False),
+        "seed": (0, seed_max, False, False),
+        "data.seed": (0, seed_max, False, False),
+        "data.split_seed": (0, seed_max, False, False),
+        "sample.seed": (0, seed_max, False, False),
+        "data.seq_len": (0, 2**31 - 1, True, False),
+        "data.num_proc": (1, 1024, False, False),
+        "data.max_documents": (0, step_max, False, False),
+        "tokenizer.vocab_size": (0, 2**31 - 1, False, False),
+        "model.vocab_size": (0, 2**31 - 1, False, False),
+        "model.d_model": (0, step_max, True, False),
+        "model.n_layers": (0, step_max, True, False),
+        "model.n_heads": (0, None, True, False),
+        "model.n_kv_heads": (0, None, False, False),
+        "model.d_ff": (0, None, False, False),
+        "model.max_len": (0, 2**31 - 1, False, False),
+        "model.rope_base": (0, None, True, False),
+        "model.norm_eps": (0, None, True, False),
+        "model.dropout": (0, 1, False, True),
+        "optim.lr": (0, None, True, False),
+        "optim.warmup_steps": (0, step_max, False, False),
+        "optim.min_lr_ratio": (0, 1, False, False),
+        "optim.decay_factor": (0, None, True, False),
+        "optim.decay_start": (0, step_max, False, False),
+        "optim.decay_every": (0, step_max, True, False),
+        "optim.weight_decay": (0, None, False, False),
+        "optim.b1": (0, 1, False, True),
+        "optim.b2": (0, 1, False, True),
+        "optim.eps": (0, None, True, False),
+        "optim.momentum": (0, 1, False, True),
+        "optim.clip_norm": (0, None, False, False),
+        "train.steps": (0, step_max, True, False),
+        "train.batch_size": (0, step_max, True, False),
+        "train.grad_accum": (0, None, True, False),
+        "train.log_every": (0, step_max, True, False),
+        "train.eval_every": (0, step_max, True, False),
+        "train.eval_batches": (0, None, True, False),
+        "train.save_every": (0, step_max, True, False),
+        "train.keep": (0, None, True, False),
+        "train.peak_flops": (0, None, False, False),
+        "train.profile_steps": (0, None, False, False),
+        "parallel.num_processes": (0, None, False, False),
+        "parallel.process_id": (-1, None, False, False),
+        "eval.stride": (0, None, False, False),
+        "eval.batch_size": (0, None, True, False),
+        "sample.max_new_tokens": (0, None, True, False),
+        "sample.temperature": (0, None, True, False),
+        "sample.top_k": (0, None, False, False),
+        "sample.top_p": (0, 1, True, False),
     }
     for key, bounds in ranges.items():
         _check_range(key, get(cfg, key), *bounds)
@@ -313,18 +363,26 @@ def validate(cfg: ConfigDict) -> None:
         if m.positions == "rope" and (m.d_model // m.n_heads) % 2:
             raise UserError("rotary positions need an even head size (model.d_model / model.n_heads)")
     if cfg.train.batch_size % cfg.train.grad_accum:
-        raise UserError(f"train.batch_size={cfg.train.batch_size} must be divisible by train.grad_accum={cfg.train.grad_accum}")
+        raise UserError(
+            f"train.batch_size={cfg.train.batch_size} must be divisible by train.grad_accum={cfg.train.grad_accum}"
+        )
     if not 0.0 < cfg.data.heldout_fraction < 1.0:
         raise UserError(f"data.heldout_fraction must be in (0, 1), got {cfg.data.heldout_fraction}")
     if m.max_len and m.max_len < cfg.data.seq_len:
-        raise UserError(f"model.max_len={m.max_len} is shorter than data.seq_len={cfg.data.seq_len}; raise model.max_len or set it to 0")
+        raise UserError(
+            f"model.max_len={m.max_len} is shorter than data.seq_len={cfg.data.seq_len}; raise model.max_len or set "
+            "it to 0"
+        )
 
 
 def _check_range(key: str, value, low, high, low_open: bool, high_open: bool) -> None:
     """UserError unless `value` lies in the interval; the message states the interval."""
     finite = not isinstance(value, float) or math.isfinite(value)
-    ok = finite and (low is None or (value > low if low_open else value >= low)) and (
-        high is None or (value < high if high_open else value <= high))
+    ok = (
+        finite
+        and (low is None or (value > low if low_open else value >= low))
+        and (high is None or (value < high if high_open else value <= high))
+    )
     if ok:
         return
     if high is None:

@@ -23,16 +23,18 @@ def format_report(name: str, r: dict) -> str:
     finite = all(isinstance(x, float) and math.isfinite(x) for x in (lo, hi))
     interval = f"(95% CI {r.get('ci95_over', 'over documents')} {lo:.4f} – {hi:.4f})" if finite else "(no interval)"
     cap = f"  (--config.data.max_documents={r['max_documents']})" if r.get("max_documents") else ""
-    return "\n".join([
-        f"held-out evaluation of {name}",
-        f"  documents          {r['documents']:,}{cap}",
-        f"  tokens predicted   {r['tokens']:,}",
-        f"  bytes predicted    {r['bytes']:,}",
-        f"  nats/token         {r['nats_per_token']:.4f}",
-        f"  perplexity         {r['perplexity']:.4f}   {interval}",
-        f"  bits/token         {r['bits_per_token']:.4f}",
-        f"  bits/byte          {r['bits_per_byte']:.4f}",
-    ])
+    return "\n".join(
+        [
+            f"held-out evaluation of {name}",
+            f"  documents          {r['documents']:,}{cap}",
+            f"  tokens predicted   {r['tokens']:,}",
+            f"  bytes predicted    {r['bytes']:,}",
+            f"  nats/token         {r['nats_per_token']:.4f}",
+            f"  perplexity         {r['perplexity']:.4f}   {interval}",
+            f"  bits/token         {r['bits_per_token']:.4f}",
+            f"  bits/byte          {r['bits_per_byte']:.4f}",
+        ]
+    )
 
 
 FORMATS_BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
@@ -73,16 +75,35 @@ def evaluate_run(run_dir: str, which: str, stride: int, batch_size: int, source:
     stride = stride or cfg.eval.stride or context
     parallel = run.parallel
     batch_size = -(-batch_size // parallel.batch_divisor) * parallel.batch_divisor
-    row_nll = jax.jit(make_row_nll(run.model), in_shardings=(run.shardings.params, parallel.batch_sharding),
-                      out_shardings=parallel.replicated)
-    report = evaluate(row_nll, params, split, tok.token_bytes(), context, stride, batch_size,
-                      stream=data_cfg.stream, put=lambda b: parallel.put_batch(local_rows(b, parallel.process_block)),
-                      fetch=parallel.fetch)
-    report.update(step=step, run_dir=str(Path(run_dir).absolute()), stride=stride, data=source or "held-out split",
-                  max_documents=data_cfg.max_documents or None)
+    row_nll = jax.jit(
+        make_row_nll(run.model),
+        in_shardings=(run.shardings.params, parallel.batch_sharding),
+        out_shardings=parallel.replicated,
+    )
+    report = evaluate(
+        row_nll,
+        params,
+        split,
+        tok.token_bytes(),
+        context,
+        stride,
+        batch_size,
+        stream=data_cfg.stream,
+        put=lambda b: parallel.put_batch(local_rows(b, parallel.process_block)),
+        fetch=parallel.fetch,
+    )
+    report.update(
+        step=step,
+        run_dir=str(Path(run_dir).absolute()),
+        stride=stride,
+        data=source or "held-out split",
+        max_documents=data_cfg.max_documents or None,
+    )
     if not math.isfinite(report["nats_per_token"]):
-        raise UserError(f"evaluating {run_dir} at step {step} gave a non-finite loss ({report['nats_per_token']}); "
-                        "no report was written: the checkpoint's parameters are not finite")
+        raise UserError(
+            f"evaluating {run_dir} at step {step} gave a non-finite loss ({report['nats_per_token']}); "
+            "no report was written: the checkpoint's parameters are not finite"
+        )
     return report, step
 
 
@@ -91,6 +112,8 @@ def side_by_side(reports) -> str:
     width = max(len(r) for r, _ in reports) + 2
     lines = ["run".ljust(width) + "".join(k.rjust(16) for k in keys)]
     for name, r in reports:
-        lines.append(name.ljust(width) + "".join(
-            (f"{r[k]:.4f}" if isinstance(r[k], float) else f"{r[k]:,}").rjust(16) for k in keys))
+        lines.append(
+            name.ljust(width)
+            + "".join((f"{r[k]:.4f}" if isinstance(r[k], float) else f"{r[k]:,}").rjust(16) for k in keys)
+        )
     return "\n".join(lines)

@@ -44,7 +44,7 @@ def window_arrays(tokens: np.ndarray, w: Window, context: int) -> tuple[np.ndarr
     inputs = np.zeros(context, np.int32)
     targets = np.zeros(context, np.int32)
     weights = np.zeros(context, np.float32)
-    piece = np.asarray(tokens[w.start: w.start + context + 1], np.int32)
+    piece = np.asarray(tokens[w.start : w.start + context + 1], np.int32)
     n = len(piece) - 1
     inputs[:n], targets[:n] = piece[:-1], piece[1:]
     target_index = w.start + 1 + np.arange(n)
@@ -52,8 +52,19 @@ def window_arrays(tokens: np.ndarray, w: Window, context: int) -> tuple[np.ndarr
     return inputs, targets, weights
 
 
-def evaluate(row_nll_fn, params, split: TokenSplit, token_bytes: np.ndarray, context: int, stride: int,
-             batch_size: int, stream: bool = False, put=lambda b: b, fetch=jax.device_get, progress=None) -> dict:
+def evaluate(
+    row_nll_fn,
+    params,
+    split: TokenSplit,
+    token_bytes: np.ndarray,
+    context: int,
+    stride: int,
+    batch_size: int,
+    stream: bool = False,
+    put=lambda b: b,
+    fetch=jax.device_get,
+    progress=None,
+) -> dict:
     """Perplexity report over a whole split (see the module docstring)."""
     if not 0 < stride <= context:
         raise UserError(f"--stride must be between 1 and the context ({context}), got {stride}")
@@ -66,10 +77,12 @@ def evaluate(row_nll_fn, params, split: TokenSplit, token_bytes: np.ndarray, con
     doc_bytes = np.zeros(len(docs), np.int64)
     window_nll, window_tokens = np.zeros(len(windows), np.float64), np.zeros(len(windows), np.int64)
     for i in range(0, len(windows), batch_size):
-        chunk = windows[i:i + batch_size]
+        chunk = windows[i : i + batch_size]
         arrays = [window_arrays(docs[w.doc], w, context) for w in chunk]
         pad = batch_size - len(chunk)
-        inputs, targets, weights = (np.stack([a[j] for a in arrays] + [np.zeros_like(arrays[0][j])] * pad) for j in range(3))
+        inputs, targets, weights = (
+            np.stack([a[j] for a in arrays] + [np.zeros_like(arrays[0][j])] * pad) for j in range(3)
+        )
         nll, count = fetch(row_nll_fn(params, put({"inputs": inputs, "targets": targets, "weights": weights})))
         for r, w in enumerate(chunk):
             window_nll[i + r], window_tokens[i + r] = float(nll[r]), int(round(float(count[r])))
@@ -92,8 +105,12 @@ def t_quantile_975(dof: int) -> float:
     if dof <= 4:
         return (12.706204736174698, 4.302652729749464, 3.182446305284263, 2.7764451051977987)[dof - 1]
     z, v = 1.959963984540054, float(dof)
-    return (z + (z ** 3 + z) / (4 * v) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * v ** 2)
-            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * v ** 3))
+    return (
+        z
+        + (z**3 + z) / (4 * v)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
+    )
 
 
 def ratio_interval(unit_nll: np.ndarray, unit_tokens: np.ndarray) -> tuple[float, float]:
@@ -118,8 +135,13 @@ def window_blocks(window_nll: np.ndarray, window_tokens: np.ndarray, blocks: int
     return np.add.reduceat(window_nll, edges[:-1]), np.add.reduceat(window_tokens, edges[:-1])
 
 
-def report(doc_nll: np.ndarray, doc_tokens: np.ndarray, doc_bytes: np.ndarray,
-           window_nll: np.ndarray | None = None, window_tokens: np.ndarray | None = None) -> dict:
+def report(
+    doc_nll: np.ndarray,
+    doc_tokens: np.ndarray,
+    doc_bytes: np.ndarray,
+    window_nll: np.ndarray | None = None,
+    window_tokens: np.ndarray | None = None,
+) -> dict:
     """Totals, perplexity, bits per token and byte, and a 95% interval of nats/token.
 
     The interval treats documents as the sampled units when there are at least
@@ -139,14 +161,19 @@ def report(doc_nll: np.ndarray, doc_tokens: np.ndarray, doc_bytes: np.ndarray,
     lo, hi = ratio_interval(unit_nll, unit_tokens)
     over = f"over {int((unit_tokens > 0).sum())} {units}"
     return {
-        "documents": n, "tokens": total_tokens, "bytes": total_bytes,
-        "nats_per_token": mean, "perplexity": math.exp(mean),
+        "documents": n,
+        "tokens": total_tokens,
+        "bytes": total_bytes,
+        "nats_per_token": mean,
+        "perplexity": math.exp(mean),
         "bits_per_token": mean / math.log(2),
         "bits_per_byte": total_nll / math.log(2) / total_bytes if total_bytes else float("nan"),
-        "nats_per_token_ci95": [lo, hi], "perplexity_ci95": [math.exp(lo), math.exp(hi)],
+        "nats_per_token_ci95": [lo, hi],
+        "perplexity_ci95": [math.exp(lo), math.exp(hi)],
         "ci95_over": over,
         "ci95_method": f"95% interval {over} ({n} documents): ratio estimator of nats/token with the {units} as "
-                       "sampled units, Student's t with (units - 1) degrees of freedom",
-        "per_document": [{"nll": float(a), "tokens": int(b), "bytes": int(c)}
-                         for a, b, c in zip(doc_nll, doc_tokens, doc_bytes)],
+        "sampled units, Student's t with (units - 1) degrees of freedom",
+        "per_document": [
+            {"nll": float(a), "tokens": int(b), "bytes": int(c)} for a, b, c in zip(doc_nll, doc_tokens, doc_bytes)
+        ],
     }

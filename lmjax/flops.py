@@ -105,7 +105,7 @@ PROBE_FLOPS_PER_TRIAL = 2e9  # each timed trial repeats a product up to about th
 
 
 def _repeats(n: int) -> int:
-    return max(1, int(PROBE_FLOPS_PER_TRIAL // (2.0 * n ** 3)))
+    return max(1, int(PROBE_FLOPS_PER_TRIAL // (2.0 * n**3)))
 
 
 def measure_matmul_flops(sizes: tuple[int, ...] = CPU_PROBE_SIZES, repeats: int = 0, trials: int = 2) -> float:
@@ -185,8 +185,10 @@ def measured_peak(device_kind: str, cache_dir: Path, measure=measure_cpu_peak) -
 
     path = Path(cache_dir) / "peak_flops.json"
     # Another jax or other XLA flags may change the matmul kernels: each gets its own best.
-    key = (f"{device_kind}|{os.cpu_count()} cores|float32 matmul, best of XLA and BLAS|jax {jax.__version__}|"
-           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '').strip()}")
+    key = (
+        f"{device_kind}|{os.cpu_count()} cores|float32 matmul, best of XLA and BLAS|jax {jax.__version__}|"
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '').strip()}"
+    )
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -214,8 +216,14 @@ class Peak:
     source: str  # where the figure came from, for the first lines of a run
 
 
-def peak_flops(device, dtype: str, override: float = 0.0, cache_dir: Path | None = None,
-               local_devices: int = 1, measure=measure_cpu_peak) -> Peak:
+def peak_flops(
+    device,
+    dtype: str,
+    override: float = 0.0,
+    cache_dir: Path | None = None,
+    local_devices: int = 1,
+    measure=measure_cpu_peak,
+) -> Peak:
     """Peak FLOP/s per device: `override` (train.peak_flops), else the table, else measured.
 
     On CPU the probe measures the whole machine; JAX's CPU devices share its cores, so the
@@ -229,8 +237,9 @@ def peak_flops(device, dtype: str, override: float = 0.0, cache_dir: Path | None
     if device.platform == "cpu" and cache_dir is not None:
         machine, earlier, which = measured_peak(device.device_kind, cache_dir, measure)
         when = "an earlier run's probe, above this run's" if earlier else "this run's probe"
-        return Peak(machine / max(local_devices, 1),
-                    f"measured float32 matmul peak, {which} ({when}, {os.cpu_count()} cores)")
+        return Peak(
+            machine / max(local_devices, 1), f"measured float32 matmul peak, {which} ({when}, {os.cpu_count()} cores)"
+        )
     return Peak(0.0, f"unknown device '{device.device_kind}': set train.peak_flops for MFU")
 
 
@@ -255,14 +264,15 @@ class Utilisation:
     n_devices: int
 
     @classmethod
-    def for_run(cls, cfg, model, parallel) -> "Utilisation":
+    def for_run(cls, cfg, model, parallel) -> Utilisation:
         """From the config, the built model and the parallel strategy (may probe the CPU once)."""
         import jax
 
         n_devices = devices_used(parallel)
         local = max(n_devices // jax.process_count(), 1)
-        peak = peak_flops(jax.local_devices()[0], cfg.model.dtype, cfg.train.peak_flops,
-                          default_cache_dir(cfg.data.cache_dir), local)
+        peak = peak_flops(
+            jax.local_devices()[0], cfg.model.dtype, cfg.train.peak_flops, default_cache_dir(cfg.data.cache_dir), local
+        )
         return cls(flops_per_token(getattr(model, "cfg", None), cfg.data.seq_len), peak, n_devices)
 
     def mfu(self, tokens_per_s: float) -> float | None:
@@ -279,5 +289,7 @@ class Utilisation:
         head = f"MFU: {self.flops_per_token:,.0f} model FLOPs per token"
         if self.peak.per_device <= 0:
             return f"{head}; peak unknown ({self.peak.source})"
-        return (f"{head}; peak {self.peak.per_device / 1e12:.4g} TFLOP/s per device x {self.n_devices} "
-                f"devices, from {self.peak.source}")
+        return (
+            f"{head}; peak {self.peak.per_device / 1e12:.4g} TFLOP/s per device x {self.n_devices} "
+            f"devices, from {self.peak.source}"
+        )

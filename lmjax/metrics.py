@@ -68,16 +68,24 @@ def _open_wandb(run_dir: Path, hparams: dict | None):
     try:
         import wandb
     except ImportError:
-        raise UserError("train.wandb=True but the wandb package is not installed; `pip install wandb` "
-                        "(and `wandb login`), or set train.wandb=False") from None
+        raise UserError(
+            "train.wandb=True but the wandb package is not installed; `pip install wandb` "
+            "(and `wandb login`), or set train.wandb=False"
+        ) from None
     id_file = run_dir / "wandb_id"  # the same W&B run continues across resumes
     if id_file.is_file():
         run_id = id_file.read_text().strip()
     else:
         run_id = uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")
-    return wandb.init(project=os.environ.get("WANDB_PROJECT", "lmjax"), name=run_dir.name, id=run_id,
-                      resume="allow", dir=str(run_dir), config=hparams or {})
+    return wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "lmjax"),
+        name=run_dir.name,
+        id=run_id,
+        resume="allow",
+        dir=str(run_dir),
+        config=hparams or {},
+    )
 
 
 class MetricsWriter:
@@ -87,8 +95,16 @@ class MetricsWriter:
     TensorBoard events past that step left by an earlier, interrupted run.
     """
 
-    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = False, hparams: dict | None = None,
-                 wandb: bool = False, started: float | None = None, resumed_step: int = 0):
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool = True,
+        tensorboard: bool = False,
+        hparams: dict | None = None,
+        wandb: bool = False,
+        started: float | None = None,
+        resumed_step: int = 0,
+    ):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
@@ -176,8 +192,14 @@ class Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
 
-            self.bar = RichProgress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
-                                    TextColumn("{task.fields[info]}"), TextColumn("eta"), TimeRemainingColumn())
+            self.bar = RichProgress(
+                TextColumn("step"),
+                MofNCompleteColumn(),
+                BarColumn(),
+                TextColumn("{task.fields[info]}"),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+            )
             self.task = self.bar.add_task("train", total=total, completed=start, info="")
             self.bar.start()
 

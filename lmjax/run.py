@@ -171,8 +171,10 @@ def read_tokenizer(directory: Path) -> Tokenizer:
         raise
     except Exception as e:  # JSON, KeyError, the tokenizers library's parse errors: one line
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-        raise UserError(f"the tokenizer in {directory} is cut short or malformed ({reason}); put the run's own "
-                        "tokenizer back (the one it was trained with)") from None
+        raise UserError(
+            f"the tokenizer in {directory} is cut short or malformed ({reason}); put the run's own "
+            "tokenizer back (the one it was trained with)"
+        ) from None
 
 
 def load_run(run_dir: str | Path, which: str = "latest"):

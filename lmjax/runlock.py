@@ -58,7 +58,7 @@ class RunLock:
         self.say = say
         self.fd: int | None = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         for _ in range(5):  # the file can be removed between open and flock by a holder leaving: retry
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:

@@ -19,8 +19,10 @@ def _x_values(records: list[dict], x: str, run_dir: Path) -> list[float]:
         return [r["step"] for r in records]
     if x == "time":
         if any("time" not in r for r in records):
-            raise UserError(f"{run_dir}/metrics.jsonl has entries without 'time' (written before it was recorded); "
-                            "use --x step or --x tokens")
+            raise UserError(
+                f"{run_dir}/metrics.jsonl has entries without 'time' (written before it was recorded); "
+                "use --x step or --x tokens"
+            )
         return [r["time"] for r in records]
     per_step = next((r["tokens_seen"] / r["step"] for r in records if r.get("tokens_seen") and r["step"] > 0), None)
     if per_step is None:
@@ -50,10 +52,15 @@ def plot_runs(run_dirs: Iterable[str | Path], out: str | Path, x: str = "step", 
             raise UserError(f"{run_dir} has no metrics.jsonl entries; pass the --workdir of a `lmjax train` run")
         xs = _x_values(records, x, run_dir)
         prefix = f"{name} " if len(run_dirs) > 1 else ""
-        for key, style, label in (("loss", {"lw": 1.3, "alpha": 0.85}, "train"),
-                                  ("heldout_loss", {"ls": "--", "marker": "o", "ms": 4, "lw": 1.3}, "held-out")):
-            pts = [(xv, r[key]) for xv, r in zip(xs, records)
-                   if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        for key, style, label in (
+            ("loss", {"lw": 1.3, "alpha": 0.85}, "train"),
+            ("heldout_loss", {"ls": "--", "marker": "o", "ms": 4, "lw": 1.3}, "held-out"),
+        ):
+            pts = [
+                (xv, r[key])
+                for xv, r in zip(xs, records)
+                if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+            ]
             if pts:
                 ax.plot(*zip(*pts), color=f"C{i % 10}", label=prefix + label, **style)
     if log_x:
@@ -87,12 +94,18 @@ def run_summary(run_dir: Path) -> dict:
         planned = json.loads((run_dir / "config.json").read_text())["train"]["steps"]
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    heldout = [r["heldout_loss"] for r in records if isinstance(r.get("heldout_loss"), (int, float))
-               and math.isfinite(r["heldout_loss"])]
+    heldout = [
+        r["heldout_loss"]
+        for r in records
+        if isinstance(r.get("heldout_loss"), (int, float)) and math.isfinite(r["heldout_loss"])
+    ]
     best = min(heldout, default=None)
     return {
-        "run": str(run_dir), "steps": max((r.get("step", 0) for r in records), default=0), "planned": planned,
-        "best_heldout_loss": best, "best_heldout_ppl": math.exp(min(best, 50)) if best is not None else None,
+        "run": str(run_dir),
+        "steps": max((r.get("step", 0) for r in records), default=0),
+        "planned": planned,
+        "best_heldout_loss": best,
+        "best_heldout_ppl": math.exp(min(best, 50)) if best is not None else None,
         "tokens_seen": max((r["tokens_seen"] for r in records if "tokens_seen" in r), default=None),
         "time": max((r["time"] for r in records if "time" in r), default=None),
     }
@@ -112,12 +125,19 @@ def format_runs(summaries: list[dict], root: Path | None = None) -> str:
     for s in summaries:
         name = str(Path(s["run"]).relative_to(root)) if root is not None else s["run"]
         steps = f"{s['steps']:,}" + (f"/{s['planned']:,}" if s["planned"] else "")
-        rows.append((name if name != "." else str(root), steps,
-                     "-" if s["best_heldout_loss"] is None else f"{s['best_heldout_loss']:.4f}",
-                     "-" if s["best_heldout_ppl"] is None else f"{s['best_heldout_ppl']:.3f}",
-                     "-" if s["tokens_seen"] is None else f"{int(s['tokens_seen']):,}",
-                     _duration(s["time"])))
+        rows.append(
+            (
+                name if name != "." else str(root),
+                steps,
+                "-" if s["best_heldout_loss"] is None else f"{s['best_heldout_loss']:.4f}",
+                "-" if s["best_heldout_ppl"] is None else f"{s['best_heldout_ppl']:.3f}",
+                "-" if s["tokens_seen"] is None else f"{int(s['tokens_seen']):,}",
+                _duration(s["time"]),
+            )
+        )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in [header, *rows]]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in [header, *rows]
+    ]
     return "\n".join(lines)

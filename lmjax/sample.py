@@ -23,7 +23,10 @@ def check_sampling(temperature: float, top_k: int, top_p: float, vocab_size: int
     if top_k < 0:
         raise UserError(f"--top-k must be 0 (off) or positive, got {top_k}")
     if vocab_size is not None and top_k > vocab_size:
-        raise UserError(f"--top-k={top_k} is larger than the vocabulary ({vocab_size} tokens); use at most {vocab_size}, or 0 for off")
+        raise UserError(
+            f"--top-k={top_k} is larger than the vocabulary ({vocab_size} tokens); use at most {vocab_size}, or 0 for "
+            "off"
+        )
     if not 0 < top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {top_p}")
 
@@ -46,20 +49,37 @@ def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
 
 def init_cache(model, params, batch: int):
     """Zeroed decode state for `batch` rows (shapes from an abstract init, no compute)."""
-    shapes = jax.eval_shape(lambda: model.apply({"params": params}, jnp.zeros((batch, 1), jnp.int32),
-                                                decode=True, mutable=["cache"])[1]["cache"])
+    shapes = jax.eval_shape(
+        lambda: model.apply({"params": params}, jnp.zeros((batch, 1), jnp.int32), decode=True, mutable=["cache"])[1][
+            "cache"
+        ]
+    )
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 @partial(jax.jit, static_argnames=("model", "total", "prefix", "greedy", "top_k", "top_p"))
-def _generate(model, params, tokens_BxL, prompt_lens_B, rng, temperature, eot_id, *, total: int,
-              prefix: int, greedy: bool, top_k: int, top_p: float):
+def _generate(
+    model,
+    params,
+    tokens_BxL,
+    prompt_lens_B,
+    rng,
+    temperature,
+    eot_id,
+    *,
+    total: int,
+    prefix: int,
+    greedy: bool,
+    top_k: int,
+    top_p: float,
+):
     b = tokens_BxL.shape[0]
 
     def forward(cache, chunk_BxT, start):
         positions = start + jnp.broadcast_to(jnp.arange(chunk_BxT.shape[1]), chunk_BxT.shape)
-        logits, mutated = model.apply({"params": params, "cache": cache}, chunk_BxT, positions_BxT=positions,
-                                      decode=True, mutable=["cache"])
+        logits, mutated = model.apply(
+            {"params": params, "cache": cache}, chunk_BxT, positions_BxT=positions, decode=True, mutable=["cache"]
+        )
         return logits[:, -1], mutated["cache"]
 
     cache = init_cache(model, params, b)
@@ -88,9 +108,20 @@ def _generate(model, params, tokens_BxL, prompt_lens_B, rng, temperature, eot_id
     return tokens, t
 
 
-def generate(model, params, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, greedy: bool = False, seed: int = 0, eot_id: int = -1,
-             max_len: int | None = None) -> list[list[int]]:
+def generate(
+    model,
+    params,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    seed: int = 0,
+    eot_id: int = -1,
+    max_len: int | None = None,
+) -> list[list[int]]:
     """Continue each prompt; return the new tokens of each row (stopping at end-of-text).
 
     max_len (default: the model's context, for models with a KV cache) caps prompt + new
@@ -113,16 +144,27 @@ def generate(model, params, prompts: list[list[int]], max_new_tokens: int, *, te
         total = min(total, max_len)
     tokens = np.zeros((len(prompts), total), np.int32)
     for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = p
-    out, _ = _generate(model, params, jnp.asarray(tokens), jnp.asarray(lens), jax.random.PRNGKey(seed),
-                       jnp.float32(temperature), jnp.int32(eot_id), total=total, prefix=int(lens.min()),
-                       greedy=greedy, top_k=top_k, top_p=top_p)
+        tokens[i, : len(p)] = p
+    out, _ = _generate(
+        model,
+        params,
+        jnp.asarray(tokens),
+        jnp.asarray(lens),
+        jax.random.PRNGKey(seed),
+        jnp.float32(temperature),
+        jnp.int32(eot_id),
+        total=total,
+        prefix=int(lens.min()),
+        greedy=greedy,
+        top_k=top_k,
+        top_p=top_p,
+    )
     out = np.asarray(out)
     result = []
     for i, n in enumerate(lens):
-        new = out[i, n:n + max_new_tokens].tolist()
+        new = out[i, n : n + max_new_tokens].tolist()
         if eot_id in new:
-            new = new[:new.index(eot_id)]
+            new = new[: new.index(eot_id)]
         result.append(new)
     return result
 
@@ -153,9 +195,18 @@ def sample_text(model, params, tokenizer, sample_cfg, max_new_tokens: int = 100)
     ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
     max_len = getattr(getattr(model, "cfg", None), "max_len", None)
     try:
-        new = generate(model, params, [ids], max_new_tokens, temperature=sample_cfg.temperature,
-                       top_k=sample_cfg.top_k, top_p=sample_cfg.top_p, seed=sample_cfg.seed,
-                       eot_id=tokenizer.eot_id, max_len=max_len)[0]
+        new = generate(
+            model,
+            params,
+            [ids],
+            max_new_tokens,
+            temperature=sample_cfg.temperature,
+            top_k=sample_cfg.top_k,
+            top_p=sample_cfg.top_p,
+            seed=sample_cfg.seed,
+            eot_id=tokenizer.eot_id,
+            max_len=max_len,
+        )[0]
     except UserError as e:  # e.g. a prompt longer than the context: the run itself is fine
         return f"(no sample: {e})"
     return prompt + tokenizer.decode(new)

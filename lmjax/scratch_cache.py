@@ -35,8 +35,11 @@ _REEXEC_MARK = "_LMJAX_SCRATCH_CACHE_PRELOADED"
 
 def supported() -> bool:
     """Linux with glibc, and not turned off with LMJAX_SCRATCH_CACHE=0."""
-    return (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-            and os.environ.get("LMJAX_SCRATCH_CACHE", "1") != "0")
+    return (
+        sys.platform.startswith("linux")
+        and platform.libc_ver()[0] == "glibc"
+        and os.environ.get("LMJAX_SCRATCH_CACHE", "1") != "0"
+    )
 
 
 def library(cache_dir: Path | None = None) -> Path | None:
@@ -44,7 +47,11 @@ def library(cache_dir: Path | None = None) -> Path | None:
     if not supported():
         return None
     source = SOURCE.read_bytes()
-    path = Path(cache_dir or default_cache_dir()) / "native" / f"scratch_cache-{hashlib.sha256(source).hexdigest()[:12]}.so"
+    path = (
+        Path(cache_dir or default_cache_dir())
+        / "native"
+        / f"scratch_cache-{hashlib.sha256(source).hexdigest()[:12]}.so"
+    )
     if path.is_file():
         return path
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
@@ -55,8 +62,12 @@ def library(cache_dir: Path | None = None) -> Path | None:
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             built = Path(tmp) / path.name
             # -z defs: a libc without glibc's __libc_memalign fails here, not at load time.
-            subprocess.run([cc, "-O2", "-shared", "-fPIC", "-Wl,-z,defs", "-o", str(built), str(SOURCE), "-lpthread"],
-                           check=True, capture_output=True, timeout=120)
+            subprocess.run(
+                [cc, "-O2", "-shared", "-fPIC", "-Wl,-z,defs", "-o", str(built), str(SOURCE), "-lpthread"],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
             os.replace(built, path)  # atomic: concurrent builders each install a whole file
     except (OSError, subprocess.SubprocessError):
         return None

@@ -42,8 +42,9 @@ def read_stdlib(limit_mb: float) -> list[str]:
 
 
 def bench_tokenizers(texts: list[str], bpe_train_mb: float, tiktoken_path: str) -> None:
-    from lmjax.data.tokenizers import build_tokenizer
     from ml_collections import ConfigDict
+
+    from lmjax.data.tokenizers import build_tokenizer
 
     mb = sum(len(t.encode("utf-8")) for t in texts) / 2**20
     train_texts = read_stdlib(bpe_train_mb)
@@ -95,6 +96,7 @@ def worker(spec: dict) -> dict:
     """One measurement (in its own process): 'library' encodes batches with the tokenizer
     library itself; 'lmjax' builds the token cache (build_or_load) with data.num_proc."""
     import datasets
+
     from lmjax.data.tokenizers import load_tokenizer
 
     ds = datasets.load_from_disk(spec["dataset"])
@@ -178,6 +180,7 @@ def measure(spec: dict) -> dict:
 
 def bench_pack(texts: list[str], bpe_train_mb: float, rounds: int, rss_mb: float, tmp: Path) -> None:
     import datasets
+
     from lmjax.data.tokenizers import ByteTokenizer, train_bpe
     from lmjax.data.vocab_tokenizers import TiktokenTokenizer
 
@@ -273,6 +276,7 @@ def held(measured: dict) -> float:
 
 def bench_training(cfg, run_dir: Path, rounds: int, steps: int) -> None:
     import jax
+
     from lmjax.data import prepare
     from lmjax.data.batches import Prefetcher, TrainBatches
     from lmjax.run import build_run

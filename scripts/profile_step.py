@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from lmjax import scratch_cache  # noqa: E402
+from lmjax import scratch_cache
 
 if __name__ == "__main__":
     scratch_cache.use_in_this_process()  # profile the step as `lmjax train` runs it

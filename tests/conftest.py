@@ -96,14 +96,20 @@ def run_cli(args: list[str], cwd: Path | None = None, env: dict | None = None, t
     import subprocess
 
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "lmjax.cli", *args], cwd=cwd or ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "lmjax.cli", *args],
+        cwd=cwd or ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def write_experiment(path: Path, corpus_dir: Path, body: str = "") -> Path:
     """An experiment file using the tiny config, plus extra lines of `body` (indented)."""
     extra = "\n".join("    " + line for line in body.strip().splitlines()) if body.strip() else ""
-    path.write_text(f'''
+    path.write_text(f"""
 import sys
 sys.path.insert(0, {str(ROOT / "tests")!r})
 from conftest import tiny_config
@@ -114,7 +120,5 @@ def get_config():
     c = tiny_config(Path({str(corpus_dir)!r}))
 {extra}
     return c
-''')
+""")
     return path
-
-

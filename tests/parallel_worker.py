@@ -44,8 +44,9 @@ def synthetic_split(n_tokens: int = 4096, vocab: int = 256, seed: int = 0):
     tokens = np.resize(pattern, n_tokens)
     noise = rng.random(n_tokens) < 0.1
     tokens[noise] = rng.integers(0, vocab, int(noise.sum()))
-    return TokenSplit(tokens=tokens.astype(np.uint16), doc_starts=np.array([0, n_tokens]),
-                      doc_bytes=np.array([n_tokens]))
+    return TokenSplit(
+        tokens=tokens.astype(np.uint16), doc_starts=np.array([0, n_tokens]), doc_bytes=np.array([n_tokens])
+    )
 
 
 def build(cfg, parallel=None):
@@ -63,9 +64,12 @@ def build(cfg, parallel=None):
     check_batch(cfg.train.batch_size, cfg.train.grad_accum, parallel)
     run = build_run(cfg, Path("."), cfg.model.vocab_size, parallel)
     state = parallel.init_state(run.init_state, run.shardings, jax.random.PRNGKey(cfg.seed))
-    step_fn = parallel.compile_step(partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum), run.shardings)
-    batches = TrainBatches(synthetic_split(), cfg.data.seq_len, cfg.train.batch_size, cfg.data.seed,
-                           parallel.process_block)
+    step_fn = parallel.compile_step(
+        partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum), run.shardings
+    )
+    batches = TrainBatches(
+        synthetic_split(), cfg.data.seq_len, cfg.train.batch_size, cfg.data.seed, parallel.process_block
+    )
     return run, parallel, state, step_fn, batches
 
 
@@ -87,8 +91,11 @@ def adam_moments(opt_state):
     import jax
     import optax
 
-    (adam,) = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-               if isinstance(x, optax.ScaleByAdamState)]
+    (adam,) = [
+        x
+        for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+        if isinstance(x, optax.ScaleByAdamState)
+    ]
     return adam
 
 
@@ -119,8 +126,13 @@ def reference_gradient(cfg):
     batch = batches(0)
 
     def mean_loss(params):
-        logits = run.model.apply({"params": params}, batch["inputs"], positions_BxT=batch.get("positions"),
-                                 segment_ids_BxT=batch.get("segment_ids"), deterministic=True)
+        logits = run.model.apply(
+            {"params": params},
+            batch["inputs"],
+            positions_BxT=batch.get("positions"),
+            segment_ids_BxT=batch.get("segment_ids"),
+            deterministic=True,
+        )
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
 
     return flat(jax.jit(jax.grad(mean_loss))(jax.device_get(state.params)))  # float32, as the step
@@ -139,9 +151,13 @@ def train_state_figures(cfg, steps: int, parallel=None) -> dict:
             out["grad"] = flat(adam_moments(state.opt_state).mu, parallel) / (1 - cfg.optim.b1)
             out["params1"], out["nu1"] = flat(state.params, parallel), flat(adam_moments(state.opt_state).nu, parallel)
     adam = adam_moments(state.opt_state)
-    out.update(params=flat(state.params, parallel), mu=flat(adam.mu, parallel), nu=flat(adam.nu, parallel),
-               rng=flat(state.rng, parallel),
-               counters=[int(flat(adam.count, parallel)[0]), int(flat(state.step, parallel)[0])])
+    out.update(
+        params=flat(state.params, parallel),
+        mu=flat(adam.mu, parallel),
+        nu=flat(adam.nu, parallel),
+        rng=flat(state.rng, parallel),
+        counters=[int(flat(adam.count, parallel)[0]), int(flat(state.step, parallel)[0])],
+    )
     return out, state, run, parallel
 
 
@@ -161,16 +177,26 @@ def case_layouts(args):
         "pmap": {"parallel.strategy": "pmap"},
         "data8": {"parallel.strategy": "mesh", "parallel.data": 8},
         "fsdp8": {"parallel.strategy": "mesh", "parallel.data": 1, "parallel.fsdp": 8},
-        "data2_fsdp2_tensor2": {"parallel.strategy": "mesh", "parallel.data": 2, "parallel.fsdp": 2, "parallel.tensor": 2},
+        "data2_fsdp2_tensor2": {
+            "parallel.strategy": "mesh",
+            "parallel.data": 2,
+            "parallel.fsdp": 2,
+            "parallel.tensor": 2,
+        },
     }
     strict = {"optim.clip_norm": 0.0, "model.bias": False}
-    watched = {"wte": ("wte",), "fc": ("block_0", "mlp", "fc", "kernel"), "query": ("block_0", "attn", "query", "kernel"),
-               "proj": ("block_0", "mlp", "proj", "kernel")}
+    watched = {
+        "wte": ("wte",),
+        "fc": ("block_0", "mlp", "fc", "kernel"),
+        "query": ("block_0", "attn", "query", "kernel"),
+        "proj": ("block_0", "mlp", "proj", "kernel"),
+    }
 
     def compare(figures, reference):
         return {k: rel(figures[k], reference[k]) for k in ("grad", "params1", "nu1", "params", "mu", "nu", "rng")} | {
             "losses": max(abs(a - b) for a, b in zip(figures["losses"], reference["losses"])),
-            "counters_equal": figures["counters"] == reference["counters"]}
+            "counters_equal": figures["counters"] == reference["counters"],
+        }
 
     # Without dropout: every layout, pmap included, against one device and the reference gradient.
     reference = None
@@ -183,20 +209,32 @@ def case_layouts(args):
         out["losses"][name] = figures["losses"]
         out["state_rel"][name] = compare(figures, reference)
         if parallel.kind == "mesh":
+
             def leaf(tree, path):
                 for p in path:
                     tree = tree[p]
                 return tree
+
             out["specs"][name] = {k: spec_of(leaf(state.params, p)) for k, p in watched.items()}
             out["specs"][name]["adam_mu_fc"] = spec_of(leaf(adam_moments(state.opt_state).mu, watched["fc"]))
-            out["shard_shapes"][name] = {k: list(leaf(state.params, p).addressable_data(0).shape) for k, p in watched.items()}
+            out["shard_shapes"][name] = {
+                k: list(leaf(state.params, p).addressable_data(0).shape) for k, p in watched.items()
+            }
         if name == "fsdp8":  # #7: what one device holds vs the whole state
             dev0 = jax.devices()[0]
+
             def on_dev0(tree):
-                return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == dev0)
+                return sum(
+                    s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == dev0
+                )
+
             total = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
-            out["memory"] = {"params_dev0": on_dev0(state.params), "params_total": total(state.params),
-                             "opt_dev0": on_dev0(state.opt_state), "opt_total": total(state.opt_state)}
+            out["memory"] = {
+                "params_dev0": on_dev0(state.params),
+                "params_total": total(state.params),
+                "opt_dev0": on_dev0(state.opt_state),
+                "opt_total": total(state.opt_state),
+            }
         del state
 
     # Dropout 0.1: the mesh layouts draw the same masks as one device; pmap draws each device's
@@ -209,18 +247,32 @@ def case_layouts(args):
         out["dropout_rel"][name] = compare(figures, reference)
 
     # Tensor parallelism alone gathers no matrix and no activation (8 heads: 8 ways).
-    cfg = tiny_mesh_config(**{"parallel.strategy": "mesh", "parallel.data": 1, "parallel.tensor": 8, "model.n_heads": 8})
+    cfg = tiny_mesh_config(
+        **{"parallel.strategy": "mesh", "parallel.data": 1, "parallel.tensor": 8, "model.n_heads": 8}
+    )
     run, parallel, state, step_fn, batches = build(cfg)
     hlo = step_fn.lower(state, parallel.put_batch(batches(0))).compile().as_text()
-    out["tensor8_gathers"] = [dims for shape in re.findall(r"= (.+?) all-gather(?:-start)?\(", hlo)
-                              for dims in re.findall(r"\[([\d,]*)\]", shape)]
+    out["tensor8_gathers"] = [
+        dims
+        for shape in re.findall(r"= (.+?) all-gather(?:-start)?\(", hlo)
+        for dims in re.findall(r"\[([\d,]*)\]", shape)
+    ]
     del state
 
     # #2: 4 micro-batches vs the full batch, one update from the same state, on a sharded mesh.
     # SGD without clipping: the update is -lr x the gradient, compared with the plain-jax gradient.
     def one_update(grad_accum: int):
-        cfg = tiny_mesh_config(**{"parallel.data": 2, "parallel.fsdp": 2, "parallel.tensor": 2, "optim.clip_norm": 0.0,
-                                  "train.grad_accum": grad_accum, "optim.name": "sgd", "optim.lr": 0.5})
+        cfg = tiny_mesh_config(
+            **{
+                "parallel.data": 2,
+                "parallel.fsdp": 2,
+                "parallel.tensor": 2,
+                "optim.clip_norm": 0.0,
+                "train.grad_accum": grad_accum,
+                "optim.name": "sgd",
+                "optim.lr": 0.5,
+            }
+        )
         run, parallel, state, step_fn, batches = build(cfg)
         before = flat(state.params)
         state, m = step_fn(state, parallel.put_batch(batches(0)))
@@ -229,10 +281,14 @@ def case_layouts(args):
     p0, full, loss_full, cfg = one_update(1)
     _, accum, loss_accum, _ = one_update(4)
     plain = reference_gradient(cfg)
-    out["accum"] = {"params_rel": rel(accum, full), "update_rel": rel(accum - p0, full - p0),
-                    "full_grad_vs_plain_jax": rel((p0 - full) / 0.5, plain),
-                    "accum_grad_vs_plain_jax": rel((p0 - accum) / 0.5, plain),
-                    "loss_full": loss_full, "loss_accum": loss_accum}
+    out["accum"] = {
+        "params_rel": rel(accum, full),
+        "update_rel": rel(accum - p0, full - p0),
+        "full_grad_vs_plain_jax": rel((p0 - full) / 0.5, plain),
+        "accum_grad_vs_plain_jax": rel((p0 - accum) / 0.5, plain),
+        "loss_full": loss_full,
+        "loss_accum": loss_accum,
+    }
 
     # #3: bfloat16 compute, float32 params / optimizer state / logits / loss.
     cfg = tiny_mesh_config(**{"model.dtype": "bfloat16", "parallel.data": 2, "parallel.fsdp": 2, "parallel.tensor": 2})
@@ -241,11 +297,13 @@ def case_layouts(args):
     logits = jax.jit(lambda p, x: run.model.apply({"params": p}, x))(state.params, batch["inputs"])
     jaxpr = str(jax.make_jaxpr(lambda p, x: run.model.apply({"params": p}, x))(state.params, batch["inputs"]))
     from lmjax.train.loss import token_nll
+
     nll, count = jax.jit(token_nll)(logits, batch["targets"])
     out["bf16"] = {
         "param_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(state.params)}),
         "opt_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(state.opt_state) if x.ndim > 0}),
-        "logits_dtype": str(logits.dtype), "loss_dtype": str((nll / count).dtype),
+        "logits_dtype": str(logits.dtype),
+        "loss_dtype": str((nll / count).dtype),
         "bf16_dot_generals": jaxpr.count("bf16[") > 0 and "dot_general" in jaxpr,
         "losses": losses,
     }
@@ -256,8 +314,8 @@ def case_loop(args):
     """Run lmjax.train.loop.train with the given config overrides in `workdir`; with
     args['count_compiles'] also count XLA compilations by function name."""
     import jax
-
     from conftest import tiny_config
+
     from lmjax.train.loop import train
 
     compiles = []
@@ -274,8 +332,14 @@ def case_loop(args):
         before = len(compiles)
         cfg = tiny_config(Path(args["corpus"]), **run["overrides"])
         result = train(cfg, run["workdir"], log=lambda *_: None)
-        results.append({"compiles": compiles[before:], "train_loss": result["train_loss"],
-                        "heldout_loss": result["heldout_loss"], "start_step": result["start_step"]})
+        results.append(
+            {
+                "compiles": compiles[before:],
+                "train_loss": result["train_loss"],
+                "heldout_loss": result["heldout_loss"],
+                "start_step": result["start_step"],
+            }
+        )
     return {"devices": jax.device_count(), "process": jax.process_index(), "results": results}
 
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from lmjax.errors import UserError
 from lmjax.models import attention
 from lmjax.models.attention import Device, choose

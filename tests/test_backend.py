@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 import pytest
+
 from lmjax import backend, cli
 from lmjax.config import base_config
 

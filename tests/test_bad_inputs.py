@@ -412,8 +412,9 @@ def normalize(message: str, roots: list[Path]) -> str:
     for root in sorted({str(r) for r in roots}, key=len, reverse=True):
         message = message.replace(root, "/tmp/x")
     # The list of commands grows as commands are added; the row should not change with it.
-    message = re.sub(r"(argument command: invalid choice: '\w+') \(choose from [^)]*\)", r"\1 (choose from the commands)",
-                     message)
+    message = re.sub(
+        r"(argument command: invalid choice: '\w+') \(choose from [^)]*\)", r"\1 (choose from the commands)", message
+    )
     return message
 
 

@@ -16,8 +16,11 @@ from lmjax.errors import UserError
 
 
 def _state():
-    return {"params": {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)},
-            "opt": {"mu": jnp.full((2, 3), 7.0)}, "step": jnp.int32(5)}
+    return {
+        "params": {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)},
+        "opt": {"mu": jnp.full((2, 3), 7.0)},
+        "step": jnp.int32(5),
+    }
 
 
 def _abstract(tree):
@@ -57,8 +60,11 @@ def test_checkpoints_record_orbax_own_handlers(saved):
 
     recorded = Checkpoints(saved, read_only=True).manager.metadata(1).item_handlers
     json_type = ocp.handlers.JsonCheckpointHandler.typestr()
-    assert recorded == {"state": ocp.handlers.StandardCheckpointHandler.typestr(), "config": json_type,
-                        "tokenizer": json_type}
+    assert recorded == {
+        "state": ocp.handlers.StandardCheckpointHandler.typestr(),
+        "config": json_type,
+        "tokenizer": json_type,
+    }
 
 
 def test_damaged_config_is_named_by_its_file(saved, tmp_path):

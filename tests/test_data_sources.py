@@ -14,16 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, tiny_config
+
 from lmjax.data import cache
 from lmjax.data.cache import build_or_load, cache_root
 from lmjax.data.sources import carve, load_corpus, split_stdlib_files, stdlib_files, text_fingerprint
 from lmjax.data.tokenizers import ByteTokenizer
 from lmjax.data.vocab_tokenizers import EOS, UNK, WordTokenizer
 
-DOCS = [f"Document {i}: " + "the quick brown fox jumps. " * (i % 5 + 1) + ("ünïcödé ✓" if i % 3 == 0 else "")
-        for i in range(30)]
+DOCS = [
+    f"Document {i}: " + "the quick brown fox jumps. " * (i % 5 + 1) + ("ünïcödé ✓" if i % 3 == 0 else "")
+    for i in range(30)
+]
 
 
 def data_cfg(**kv):
@@ -45,6 +47,7 @@ def assert_partition(corpus, docs):
 
 
 # --- every source format ---------------------------------------------------------------
+
 
 def write_source(kind: str, d: Path) -> dict:
     """Write DOCS as source `kind` under `d`; return the data config keys that read it back."""
@@ -76,8 +79,9 @@ def write_source(kind: str, d: Path) -> dict:
         datasets.Dataset.from_list(rows).save_to_disk(str(d / "saved"))
         return {"source": "saved", "paths": str(d / "saved"), "text_field": "body"}
     if kind == "saved_dict":
-        datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:24]),
-                              "validation": datasets.Dataset.from_list(rows[24:])}).save_to_disk(str(d / "saved"))
+        datasets.DatasetDict(
+            {"train": datasets.Dataset.from_list(rows[:24]), "validation": datasets.Dataset.from_list(rows[24:])}
+        ).save_to_disk(str(d / "saved"))
         return {"source": "saved", "paths": str(d / "saved"), "text_field": "body"}
     raise ValueError(kind)
 
@@ -130,19 +134,27 @@ def test_hub_source_without_validation_split_is_carved(fake_hub):
 
 def test_text_split_by_line_and_blank_line(tmp_path):
     (tmp_path / "a.txt").write_text("first line\nsecond line\n\npara two, line one\nline two\n")
-    by_line = load_corpus(data_cfg(source="files", paths=str(tmp_path / "a.txt"), split_by="line", heldout_fraction=0.3))
+    by_line = load_corpus(
+        data_cfg(source="files", paths=str(tmp_path / "a.txt"), split_by="line", heldout_fraction=0.3)
+    )
     assert sorted(texts(by_line.train) + texts(by_line.heldout)) == sorted(
-        ["first line", "second line", "", "para two, line one", "line two"])
-    by_para = load_corpus(data_cfg(source="files", paths=str(tmp_path / "a.txt"), split_by="blank_line", heldout_fraction=0.5))
+        ["first line", "second line", "", "para two, line one", "line two"]
+    )
+    by_para = load_corpus(
+        data_cfg(source="files", paths=str(tmp_path / "a.txt"), split_by="blank_line", heldout_fraction=0.5)
+    )
     assert sorted(t.strip() for t in texts(by_para.train) + texts(by_para.heldout)) == sorted(
-        ["first line\nsecond line", "para two, line one\nline two"])
+        ["first line\nsecond line", "para two, line one\nline two"]
+    )
 
 
 def test_explicit_heldout_paths(tmp_path):
     write_source("text", tmp_path)
     (tmp_path / "held").mkdir()
     (tmp_path / "held" / "h.txt").write_text("held-out text")
-    corpus = load_corpus(data_cfg(source="files", paths=str(tmp_path / "*.txt"), heldout_paths=str(tmp_path / "held" / "*.txt")))
+    corpus = load_corpus(
+        data_cfg(source="files", paths=str(tmp_path / "*.txt"), heldout_paths=str(tmp_path / "held" / "*.txt"))
+    )
     assert sorted(texts(corpus.train)) == sorted(DOCS) and texts(corpus.heldout) == ["held-out text"]
 
 
@@ -173,6 +185,7 @@ def test_stdlib_split_by_path_hash_never_overlaps():
 
 # --- the token cache --------------------------------------------------------------------
 
+
 def test_cache_layout_boundaries_and_bytes(tmp_path):
     import datasets
 
@@ -194,7 +207,9 @@ def test_large_vocabulary_is_stored_as_uint32():
 
     words = [f"w{i}" for i in range(70_000)]
     tok = WordTokenizer([UNK, EOS] + words)
-    split = build_or_load({"x": datasets.Dataset.from_dict({"text": ["w69999 w1\nw5"]})}, tok, data_cfg(), log=lambda *_: None)["x"]
+    split = build_or_load(
+        {"x": datasets.Dataset.from_dict({"text": ["w69999 w1\nw5"]})}, tok, data_cfg(), log=lambda *_: None
+    )["x"]
     assert split.tokens.dtype == np.uint32
     assert split.tokens.tolist() == [tok.index["w69999"], tok.index["w1"], tok.eos_id, tok.index["w5"], tok.eot_id]
 
@@ -241,8 +256,15 @@ def test_text_fingerprint_follows_the_text_not_how_it_is_stored():
     assert fp(ds.select(range(5))) == fp(datasets.Dataset.from_dict({"text": docs[:5]}))
     large = datasets.Dataset(pa.table({"text": pa.array(docs[3:9], pa.large_string())}))
     assert fp(ds.select(range(3, 9))) == fp(large)
-    others = [ds, ds.select(range(5)), ds.select(range(6)), ds.select([1, 0]), ds.select([0, 1]),
-              datasets.Dataset.from_dict({"text": ["ab", "c"]}), datasets.Dataset.from_dict({"text": ["a", "bc"]})]
+    others = [
+        ds,
+        ds.select(range(5)),
+        ds.select(range(6)),
+        ds.select([1, 0]),
+        ds.select([0, 1]),
+        datasets.Dataset.from_dict({"text": ["ab", "c"]}),
+        datasets.Dataset.from_dict({"text": ["a", "bc"]}),
+    ]
     assert len({fp(d) for d in others}) == len(others)
 
 
@@ -296,8 +318,16 @@ def test_two_processes_building_the_same_cache(tmp_path):
     script.write_text(RACER.format(tests=str(ROOT / "tests")))
     go = tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "cache"), str(tmp_path / f"ready{i}"), str(go)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "cache"), str(tmp_path / f"ready{i}"), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
     deadline = time.time() + 120
     while not all((tmp_path / f"ready{i}").exists() for i in range(2)) and time.time() < deadline:
         time.sleep(0.05)
@@ -319,7 +349,9 @@ def test_unreachable_hub_dataset_is_a_user_error(monkeypatch):
     from lmjax.errors import UserError
 
     def offline(name, config=None, **kwargs):
-        raise datasets.exceptions.DatasetNotFoundError(f"Dataset '{name}' doesn't exist on the Hub or cannot be accessed.")
+        raise datasets.exceptions.DatasetNotFoundError(
+            f"Dataset '{name}' doesn't exist on the Hub or cannot be accessed."
+        )
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(UserError, match="could not load hub dataset data.hub_name='user/missing'.*doesn't exist"):

@@ -66,8 +66,12 @@ def _brute_nll(model, params, docs, stride):
                 targets.append(d[t])
         forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
         padded = rows + [rows[0]] * (-len(rows) % 64)  # whole chunks of 64 rows: one compilation
-        logits = np.concatenate([np.asarray(forward(params, jnp.asarray(np.stack(padded[i:i + 64]), jnp.int32)))
-                                 for i in range(0, len(padded), 64)])[np.arange(len(rows)), last].astype(np.float64)
+        logits = np.concatenate(
+            [
+                np.asarray(forward(params, jnp.asarray(np.stack(padded[i : i + 64]), jnp.int32)))
+                for i in range(0, len(padded), 64)
+            ]
+        )[np.arange(len(rows)), last].astype(np.float64)
         top = logits.max(-1)
         nll = np.log(np.exp(logits - top[:, None]).sum(-1)) + top - logits[np.arange(len(rows)), targets]
         _BRUTE[key] = float(nll.sum()), len(rows)
@@ -94,8 +98,9 @@ def test_perplexity_and_bits_per_byte_equal_brute_force(tiny, stride, batch):
     model, params, tok, docs, predicted_bytes = tiny
     assert max(len(d) for d in docs) > 3 * CONTEXT and min(len(d) for d in docs) == 1
     assert tok.token_bytes()[np.concatenate(docs)].max() >= 3  # multi-byte tokens are really there
-    report = evaluate(jax.jit(make_row_nll(model)), params, _split(docs, tok.eot_id), tok.token_bytes(),
-                      CONTEXT, stride, batch)
+    report = evaluate(
+        jax.jit(make_row_nll(model)), params, _split(docs, tok.eot_id), tok.token_bytes(), CONTEXT, stride, batch
+    )
     total, count = _brute_nll(model, params, docs, stride)
     assert report["tokens"] == count == sum(len(d) - 1 for d in docs)
     assert report["bytes"] == predicted_bytes

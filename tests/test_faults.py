@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, write_experiment
 
 STEPS = 12
@@ -57,13 +56,20 @@ CATALOGUE: list[dict] = []
 
 # ---------------------------------------------------------------- helpers
 
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict:
     base = tmp_path_factory.getbasetemp()
-    return {**os.environ, "PYTHONPATH": str(ROOT), "LMJAX_CACHE": str(base / "lmjax_cache"),
-            "JAX_COMPILATION_CACHE_DIR": str(base / "jax_compilation_cache"),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-            "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "LMJAX_CACHE": str(base / "lmjax_cache"),
+        "JAX_COMPILATION_CACHE_DIR": str(base / "jax_compilation_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +83,24 @@ class Training:
     def __init__(self, experiment: Path, workdir: Path, env: dict, *overrides: str, max_file_bytes: int = 0):
         self.checkpoints = workdir / "checkpoints"
         # max_file_bytes: RLIMIT_FSIZE, a disk that is full for any file larger than that.
-        limit = f"import resource; resource.setrlimit(resource.RLIMIT_FSIZE, ({max_file_bytes},) * 2); " if max_file_bytes else ""
+        limit = (
+            f"import resource; resource.setrlimit(resource.RLIMIT_FSIZE, ({max_file_bytes},) * 2); "
+            if max_file_bytes
+            else ""
+        )
         main = f"{limit}import runpy, sys; sys.argv[0] = 'lmjax'; runpy.run_module('lmjax.cli', run_name='__main__')"
         self.proc = subprocess.Popen(
             [sys.executable, "-u", "-c", main, "train", str(experiment), "--workdir", str(workdir), *overrides],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.lines: list[str] = []
-        self.reader = threading.Thread(target=lambda: self.lines.extend(line.rstrip("\n") for line in self.proc.stdout),
-                                       daemon=True)
+        self.reader = threading.Thread(
+            target=lambda: self.lines.extend(line.rstrip("\n") for line in self.proc.stdout), daemon=True
+        )
         self.reader.start()
 
     @property
@@ -103,7 +119,9 @@ class Training:
     def wait_for(self, condition, timeout: float = 240) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
-            assert self.proc.poll() is None, f"training exited ({self.proc.returncode}) too early:\n{self.output[-3000:]}"
+            assert self.proc.poll() is None, (
+                f"training exited ({self.proc.returncode}) too early:\n{self.output[-3000:]}"
+            )
             assert time.monotonic() < deadline, f"timed out:\n{self.output[-3000:]}"
             time.sleep(0.002)
 
@@ -133,8 +151,11 @@ def restore_state(run_dir: Path, step: int | None = None) -> tuple[int, list[np.
     import jax
     import orbax.checkpoint as ocp
 
-    with ocp.CheckpointManager(run_dir / "checkpoints", item_names=("state",),
-                               options=ocp.CheckpointManagerOptions(read_only=True, create=False)) as mgr:
+    with ocp.CheckpointManager(
+        run_dir / "checkpoints",
+        item_names=("state",),
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+    ) as mgr:
         step = mgr.latest_step() if step is None else step
         state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     return step, [np.asarray(x) for x in jax.tree.leaves(state)]
@@ -215,8 +236,9 @@ def test_kill9_at_random_moments_resumes_exactly(seed, experiment, env, referenc
         assert resumed_from(t.output) == expect_resume, t.output[-2000:]
         steps = finalized_steps(t.checkpoints)
         expect_resume = steps[-1] if steps else None  # the newest complete checkpoint
-        print(f"seed {seed}: killed {kind} at step {t.step()}, complete checkpoints {steps}, "
-              f"save in flight: {t.saving()}")
+        print(
+            f"seed {seed}: killed {kind} at step {t.step()}, complete checkpoints {steps}, save in flight: {t.saving()}"
+        )
     last = train_to_end(experiment, run, env)
     assert resumed_from(last.output) == expect_resume
     step, state = restore_state(run)
@@ -254,6 +276,7 @@ def test_old_checkpoints_leave_by_rename_never_half_deleted(tmp_path, monkeypatc
 
 # ---------------------------------------------------------------- 2. SIGTERM / SIGINT
 
+
 @pytest.mark.slow
 def test_sigterm_and_sigint_save_and_resume_exactly(experiment, env, reference, tmp_path):
     run = tmp_path / "run"
@@ -265,8 +288,11 @@ def test_sigterm_and_sigint_save_and_resume_exactly(experiment, env, reference, 
         os.kill(t.proc.pid, sig)
         assert t.finish() == 128 + sig, t.output[-2000:]
         assert resumed_from(t.output) == stopped_at
-        m = re.search(rf"lmjax: received {sig.name}: finished step (\d+), saved it in \S+; "
-                      r"run the same command to resume from it", t.output)
+        m = re.search(
+            rf"lmjax: received {sig.name}: finished step (\d+), saved it in \S+; "
+            r"run the same command to resume from it",
+            t.output,
+        )
         assert m, t.output[-2000:]
         stopped_at = int(m.group(1))
         assert target <= stopped_at < STEPS
@@ -337,8 +363,14 @@ def test_signal_during_eval_exits_cleanly_and_writes_no_report(sig, delay, refer
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     before = tree_hash(run)
-    proc = subprocess.Popen([sys.executable, "-m", "lmjax.cli", "eval", str(run)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmjax.cli", "eval", str(run)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     time.sleep(delay)  # importing JAX, restoring the checkpoint or evaluating
     os.kill(proc.pid, sig)
     out, _ = proc.communicate(timeout=120)
@@ -374,8 +406,17 @@ def test_two_processes_agree_on_the_stop_step(sig, env, tmp_path):
     """A signal to one process of a jax.distributed job stops both after the same step (JAX's
     preemption service through Orbax's reached_preemption), so neither hangs in a collective."""
     port = str(random.Random(os.getpid() + sig).randint(20000, 40000))
-    procs = [subprocess.Popen([sys.executable, "-c", TWO_HOSTS, str(i), port, str(tmp_path / "ckpt")], cwd=ROOT,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", TWO_HOSTS, str(i), port, str(tmp_path / "ckpt")],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for i in range(2)
+    ]
     target = procs[1] if sig == signal.SIGTERM else procs[0]  # SIGINT to the coordinator, SIGTERM to the other
     lines = [[], []]
     readers = [threading.Thread(target=lambda i=i: lines[i].extend(procs[i].stdout), daemon=True) for i in range(2)]
@@ -396,6 +437,7 @@ def test_two_processes_agree_on_the_stop_step(sig, env, tmp_path):
 
 # ---------------------------------------------------------------- 3. metrics.jsonl
 
+
 def test_metrics_truncation_drops_later_steps_and_torn_lines(tmp_path):
     from lmjax.metrics import MetricsWriter, read_jsonl, truncate_after
 
@@ -413,6 +455,7 @@ def test_metrics_truncation_drops_later_steps_and_torn_lines(tmp_path):
 
 # ---------------------------------------------------------------- 4. NaN / Inf
 
+
 def test_nan_halt_keeps_last_good_checkpoint(corpus_dir, env, tmp_path):
     exp = write_experiment(tmp_path / "nan.py", corpus_dir, NAN_BODY)
     t = Training(exp, tmp_path / "run", env)
@@ -423,8 +466,9 @@ def test_nan_halt_keeps_last_good_checkpoint(corpus_dir, env, tmp_path):
     assert finalized_steps(t.checkpoints) == [2, 3]
     _, state = restore_state(tmp_path / "run", 3)
     assert all(np.isfinite(x).all() for x in state if x.dtype.kind == "f")
-    CATALOGUE.append({"case": "NaN / Inf loss, train.on_nan='halt' (lr x 1e30 from step 3)", "status": 1,
-                      "message": line[0]})
+    CATALOGUE.append(
+        {"case": "NaN / Inf loss, train.on_nan='halt' (lr x 1e30 from step 3)", "status": 1, "message": line[0]}
+    )
 
 
 def test_nan_skip_keeps_params_and_counts(corpus_dir, env, tmp_path):
@@ -444,6 +488,7 @@ def test_nan_skip_keeps_params_and_counts(corpus_dir, env, tmp_path):
 
 
 # ---------------------------------------------------------------- 5. unwritable run directory
+
 
 def _cli(args: list[str], capsys) -> tuple[int, str, str]:
     from lmjax.cli import main
@@ -480,16 +525,20 @@ def test_read_only_run_directory_is_refused_at_start(experiment, tmp_path, capsy
         code, _, err = _cli(["train", experiment, "--workdir", target], capsys)
     finally:
         subprocess.run(["chattr", "-i", str(locked)], capture_output=True)
-    _user_error(code, err, f"the run directory {target} is not writable", "choose another --workdir",
-                case="read-only run directory (chattr +i)")
+    _user_error(
+        code,
+        err,
+        f"the run directory {target} is not writable",
+        "choose another --workdir",
+        case="read-only run directory (chattr +i)",
+    )
 
 
 def test_file_in_place_of_run_directory(experiment, tmp_path, capsys):
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("x")
     code, _, err = _cli(["train", experiment, "--workdir", blocker / "run"], capsys)
-    _user_error(code, err, "is not a directory", "choose another --workdir",
-                case="--workdir under a file")
+    _user_error(code, err, "is not a directory", "choose another --workdir", case="--workdir under a file")
 
 
 def test_full_disk_is_refused_at_start(experiment, env, tmp_path):
@@ -510,13 +559,21 @@ def test_disk_full_mid_run_stops_cleanly_and_resumes_exactly(experiment, env, re
     resource.prlimit(t.proc.pid, resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
     assert t.finish() == 2, t.output[-3000:]
     assert "Traceback" not in t.output and "ERROR" not in t.output, t.output[-3000:]
-    m = re.search(r"lmjax: error: could not write a checkpoint in \S+: File too large writing \S+; "
-                  r"the last complete checkpoint is step (\d+)\. Free disk space", t.output)
+    m = re.search(
+        r"lmjax: error: could not write a checkpoint in \S+: File too large writing \S+; "
+        r"the last complete checkpoint is step (\d+)\. Free disk space",
+        t.output,
+    )
     assert m and t.lines[-1].startswith("lmjax: error:"), t.output[-3000:]
     kept = int(m.group(1))
     assert finalized_steps(t.checkpoints)[-1] == kept
-    CATALOGUE.append({"case": "disk fills mid-run (RLIMIT_FSIZE 64 KiB set on the running process)", "status": 2,
-                      "message": t.lines[-1]})
+    CATALOGUE.append(
+        {
+            "case": "disk fills mid-run (RLIMIT_FSIZE 64 KiB set on the running process)",
+            "status": 2,
+            "message": t.lines[-1],
+        }
+    )
     last = train_to_end(experiment, run, env)  # space freed: the same command resumes
     assert resumed_from(last.output) == kept
     assert_same_state(restore_state(run)[1], restore_state(reference)[1])
@@ -525,18 +582,29 @@ def test_disk_full_mid_run_stops_cleanly_and_resumes_exactly(experiment, env, re
 
 # ---------------------------------------------------------------- 6. resume safety
 
-@pytest.mark.parametrize("override, key", [
-    ("model.d_model=64", "model.d_model: 32 -> 64"),
-    ("data.seq_len=16", "data.seq_len: 32 -> 16"),
-    ("data.seed=1", "data.seed: 0 -> 1"),
-    ("tokenizer.kind=bpe", "tokenizer.kind: 'byte' -> 'bpe'"),
-])
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.d_model=64", "model.d_model: 32 -> 64"),
+        ("data.seq_len=16", "data.seq_len: 32 -> 16"),
+        ("data.seed=1", "data.seed: 0 -> 1"),
+        ("tokenizer.kind=bpe", "tokenizer.kind: 'byte' -> 'bpe'"),
+    ],
+)
 def test_resume_refuses_model_or_data_change(override, key, experiment, reference, capsys):
     before = tree_hash(reference / "checkpoints")
-    code, _, err = _cli(["train", experiment, "--workdir", reference, f"--config.{override}",
-                         "--config.train.log_every=2"], capsys)
-    line = _user_error(code, err, f"cannot resume from step {STEPS}", key, "undo these changes",
-                       case=f"resume with --config.{override}")
+    code, _, err = _cli(
+        ["train", experiment, "--workdir", reference, f"--config.{override}", "--config.train.log_every=2"], capsys
+    )
+    line = _user_error(
+        code,
+        err,
+        f"cannot resume from step {STEPS}",
+        key,
+        "undo these changes",
+        case=f"resume with --config.{override}",
+    )
     assert "train.log_every" not in line  # a safe change is not listed among the refused
     assert tree_hash(reference / "checkpoints") == before
 
@@ -544,8 +612,18 @@ def test_resume_refuses_model_or_data_change(override, key, experiment, referenc
 def test_resume_allows_safe_change_and_logs_it(experiment, reference, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(reference, run)
-    code, out, err = _cli(["train", experiment, "--workdir", run, f"--config.train.steps={STEPS + 1}",
-                           "--config.train.save_every=5", "--config.train.eval_every=7"], capsys)
+    code, out, err = _cli(
+        [
+            "train",
+            experiment,
+            "--workdir",
+            run,
+            f"--config.train.steps={STEPS + 1}",
+            "--config.train.save_every=5",
+            "--config.train.eval_every=7",
+        ],
+        capsys,
+    )
     assert code == 0, err
     for change in (f"train.steps: {STEPS} -> {STEPS + 1}", "train.save_every: 1 -> 5", "train.eval_every: 4 -> 7"):
         assert f"resume: config change allowed: {change}" in out
@@ -555,17 +633,29 @@ def test_resume_allows_safe_change_and_logs_it(experiment, reference, tmp_path, 
 def test_resume_false_on_existing_checkpoints_deletes_nothing(experiment, reference, capsys):
     before = tree_hash(reference / "checkpoints")
     code, _, err = _cli(["train", experiment, "--workdir", reference, "--config.train.resume=false"], capsys)
-    _user_error(code, err, "train.resume=False", f"latest step {STEPS}", "choose a new --workdir",
-                case="--config.train.resume=false on a run with checkpoints")
+    _user_error(
+        code,
+        err,
+        "train.resume=False",
+        f"latest step {STEPS}",
+        "choose a new --workdir",
+        case="--config.train.resume=false on a run with checkpoints",
+    )
     assert tree_hash(reference / "checkpoints") == before
 
 
 # ---------------------------------------------------------------- 7. bad input catalogue
 
+
 def test_unknown_config_key(experiment, capsys):
     code, _, err = _cli(["train", experiment, "--config.train.step=5"], capsys)
-    _user_error(code, err, "unknown config key 'train.step'", "did you mean 'train.steps'",
-                case="unknown key: --config.train.step=5")
+    _user_error(
+        code,
+        err,
+        "unknown config key 'train.step'",
+        "did you mean 'train.steps'",
+        case="unknown key: --config.train.step=5",
+    )
 
 
 def test_wrong_type_for_key(experiment, capsys):
@@ -573,11 +663,14 @@ def test_wrong_type_for_key(experiment, capsys):
     _user_error(code, err, "'train.steps' expects an int", "got 'many'", case="wrong type: --config.train.steps=many")
 
 
-@pytest.mark.parametrize("text, fragment, case", [
-    ("x = 1\n", "defines no get_config()", "experiment file without get_config"),
-    ("def get_config(:\n", "has a syntax error at line 1", "experiment file with a syntax error"),
-    ("def get_config():\n    return 1 / 0\n", "failed at line 2: ZeroDivisionError", "experiment file that raises"),
-])
+@pytest.mark.parametrize(
+    "text, fragment, case",
+    [
+        ("x = 1\n", "defines no get_config()", "experiment file without get_config"),
+        ("def get_config(:\n", "has a syntax error at line 1", "experiment file with a syntax error"),
+        ("def get_config():\n    return 1 / 0\n", "failed at line 2: ZeroDivisionError", "experiment file that raises"),
+    ],
+)
 def test_broken_experiment_file(text, fragment, case, tmp_path, capsys):
     exp = tmp_path / "broken.py"
     exp.write_text(text)
@@ -591,16 +684,18 @@ def test_missing_experiment_file(tmp_path, capsys):
 
 
 def test_missing_data_path(experiment, tmp_path, capsys):
-    code, _, err = _cli(["train", experiment, "--workdir", tmp_path / "run", f"--config.data.paths={tmp_path}/none/*.txt"],
-                        capsys)
+    code, _, err = _cli(
+        ["train", experiment, "--workdir", tmp_path / "run", f"--config.data.paths={tmp_path}/none/*.txt"], capsys
+    )
     _user_error(code, err, "data.paths:", "matches no file", case="data.paths that matches no file")
 
 
 def test_empty_heldout_split(experiment, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    code, _, err = _cli(["train", experiment, "--workdir", tmp_path / "run", f"--config.data.heldout_paths={empty}"],
-                        capsys)
+    code, _, err = _cli(
+        ["train", experiment, "--workdir", tmp_path / "run", f"--config.data.heldout_paths={empty}"], capsys
+    )
     _user_error(code, err, "held-out split", case="data.heldout_paths: an empty file")
 
 
@@ -623,20 +718,38 @@ def eight_device_errors(experiment, env, tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("eight")
     cases = {
         "batch": ["train", str(experiment), "--workdir", str(work / "a"), "--config.train.batch_size=12"],
-        "mesh": ["train", str(experiment), "--workdir", str(work / "b"), "--config.parallel.strategy=mesh",
-                 "--config.parallel.data=3", "--config.parallel.fsdp=2"],
+        "mesh": [
+            "train",
+            str(experiment),
+            "--workdir",
+            str(work / "b"),
+            "--config.parallel.strategy=mesh",
+            "--config.parallel.data=3",
+            "--config.parallel.fsdp=2",
+        ],
     }
-    proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, json.dumps(cases)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300,
-                          env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    proc = subprocess.run(
+        [sys.executable, "-c", EIGHT_DEVICES, json.dumps(cases)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.splitlines()[-1])
 
 
 def test_batch_that_does_not_divide_devices(eight_device_errors):
     code, err = eight_device_errors["batch"]
-    _user_error(code, err, "train.batch_size=12", "does not divide over 8 data-parallel devices",
-                "use a multiple of 8", case="train.batch_size=12 on 8 devices")
+    _user_error(
+        code,
+        err,
+        "train.batch_size=12",
+        "does not divide over 8 data-parallel devices",
+        "use a multiple of 8",
+        case="train.batch_size=12 on 8 devices",
+    )
 
 
 def test_mesh_that_is_not_the_device_count(eight_device_errors):
@@ -659,24 +772,30 @@ def test_no_checkpoint(command, reference, tmp_path, capsys):
 
 def test_checkpoint_step_that_does_not_exist(reference, capsys):
     code, _, err = _cli(["eval", reference, "--checkpoint", "999"], capsys)
-    _user_error(code, err, "no checkpoint at step 999", f"available steps: {STEPS - 1}, {STEPS}",
-                case="--checkpoint 999")
+    _user_error(
+        code, err, "no checkpoint at step 999", f"available steps: {STEPS - 1}, {STEPS}", case="--checkpoint 999"
+    )
     code, _, err = _cli(["sample", reference, "--checkpoint", "last"], capsys)
     _user_error(code, err, "--checkpoint must be latest, best or a step number", case="--checkpoint last")
 
 
 def test_prompt_longer_than_context(reference, capsys):
     code, _, err = _cli(["sample", reference, "--prompt", "x" * 40], capsys)
-    _user_error(code, err, "the prompt is 40 tokens, but the model's context is 32", case="a 40-token prompt, context 32")
+    _user_error(
+        code, err, "the prompt is 40 tokens, but the model's context is 32", case="a 40-token prompt, context 32"
+    )
 
 
-@pytest.mark.parametrize("flag, value, fragment", [
-    ("--temperature", "0", "--temperature must be positive"),
-    ("--temperature", "-1", "--temperature must be positive"),
-    ("--top-k", "-1", "--top-k must be 0 (off) or positive"),
-    ("--top-p", "0", "--top-p must be in (0, 1]"),
-    ("--top-p", "1.5", "--top-p must be in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "flag, value, fragment",
+    [
+        ("--temperature", "0", "--temperature must be positive"),
+        ("--temperature", "-1", "--temperature must be positive"),
+        ("--top-k", "-1", "--top-k must be 0 (off) or positive"),
+        ("--top-p", "0", "--top-p must be in (0, 1]"),
+        ("--top-p", "1.5", "--top-p must be in (0, 1]"),
+    ],
+)
 def test_bad_sampling_flags(flag, value, fragment, reference, capsys):
     code, _, err = _cli(["sample", reference, flag, value], capsys)
     _user_error(code, err, fragment, case=f"sample {flag} {value}")
@@ -696,8 +815,13 @@ def test_tokenizer_that_does_not_match_checkpoint(reference, tmp_path, capsys):
     before = tree_hash(run / "checkpoints")
     for command in ("eval", "sample"):
         code, _, err = _cli([command, run], capsys)
-        _user_error(code, err, f"the tokenizer in {run / 'tokenizer'} (bpe, ", f"checkpoint step {STEPS} was trained with (byte, 257 ids)",
-                    case=f"`lmjax {command}` with another run's tokenizer in tokenizer/")
+        _user_error(
+            code,
+            err,
+            f"the tokenizer in {run / 'tokenizer'} (bpe, ",
+            f"checkpoint step {STEPS} was trained with (byte, 257 ids)",
+            case=f"`lmjax {command}` with another run's tokenizer in tokenizer/",
+        )
     assert tree_hash(run / "checkpoints") == before
 
 
@@ -720,12 +844,21 @@ def test_corrupted_checkpoint_is_named_and_previous_offered(experiment, referenc
     _corrupt_data_files(run / "checkpoints" / str(STEPS))
     before = tree_hash(run / "checkpoints")
     code, _, err = _cli(["eval", run], capsys)
-    _user_error(code, err, f"checkpoint {run / 'checkpoints' / str(STEPS)} is corrupted or incomplete: cannot read ",
-                f"the previous checkpoint is step {STEPS - 1}: pass --checkpoint {STEPS - 1}",
-                case="`lmjax eval` on a checkpoint with a corrupted data file")
+    _user_error(
+        code,
+        err,
+        f"checkpoint {run / 'checkpoints' / str(STEPS)} is corrupted or incomplete: cannot read ",
+        f"the previous checkpoint is step {STEPS - 1}: pass --checkpoint {STEPS - 1}",
+        case="`lmjax eval` on a checkpoint with a corrupted data file",
+    )
     code, _, err = _cli(["train", experiment, "--workdir", run, f"--config.train.steps={STEPS + 2}"], capsys)
-    _user_error(code, err, "is corrupted or incomplete", f"move {run / 'checkpoints' / str(STEPS)} out of checkpoints/",
-                case="`lmjax train` resuming from that checkpoint")
+    _user_error(
+        code,
+        err,
+        "is corrupted or incomplete",
+        f"move {run / 'checkpoints' / str(STEPS)} out of checkpoints/",
+        case="`lmjax train` resuming from that checkpoint",
+    )
     assert tree_hash(run / "checkpoints") == before
 
 
@@ -736,8 +869,13 @@ def test_corrupted_checkpoint_config_is_named(reference, tmp_path, capsys):
     config_file = run / "checkpoints" / str(STEPS) / "config" / "metadata"
     config_file.write_text('{"model": {"d_mod')
     code, _, err = _cli(["sample", run], capsys)
-    _user_error(code, err, f"cannot read {config_file} (JSONDecodeError)", f"the previous checkpoint is step {STEPS - 1}",
-                case="a checkpoint whose config file is cut short")
+    _user_error(
+        code,
+        err,
+        f"cannot read {config_file} (JSONDecodeError)",
+        f"the previous checkpoint is step {STEPS - 1}",
+        case="a checkpoint whose config file is cut short",
+    )
 
 
 # ---------------------------------------------------------------- 8. security
@@ -756,7 +894,7 @@ def test_no_pickle_on_any_load_path():
         text = path.read_text()
         for pattern, what in LOAD_PATH_PATTERNS.items():
             for m in re.finditer(pattern, text):
-                line = text[:m.start()].count("\n") + 1
+                line = text[: m.start()].count("\n") + 1
                 found.append(f"{path.relative_to(ROOT)}:{line}: {what}")
     assert not found, "unsafe deserialization on a load path:\n" + "\n".join(found)
 
@@ -795,7 +933,7 @@ hook, absl = sys.unraisablehook, logging.getLogger("absl")
 level = absl.level
 import lmjax.checkpoint, lmjax.cli, lmjax.train.loop
 assert sys.unraisablehook is hook and absl.level == level and not absl.filters, "changed on import"
-lmjax.checkpoint.Checkpoints({str(tmp_path / 'ckpt')!r}).close()
+lmjax.checkpoint.Checkpoints({str(tmp_path / "ckpt")!r}).close()
 assert sys.unraisablehook is hook and absl.level == level and not absl.filters, "changed by Checkpoints"
 """
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
@@ -806,8 +944,11 @@ def test_write_error_names_the_reason_of_tensorstore_status_only_failures():
     OS error text (seen in CI); absl maps EFBIG to OUT_OF_RANGE."""
     from lmjax.checkpoint import write_error
 
-    seen = ('OUT_OF_RANGE: Error opening "zarr" driver: Error writing "opt_state.1.0.mu.block_1.mlp.fc.kernel/.zarray" '
-            'in OCDBT database at local file "/run/checkpoints/2.orbax-checkpoint-tmp/state/ocdbt.process_0/": Failed writin')
+    seen = (
+        'OUT_OF_RANGE: Error opening "zarr" driver: Error writing "opt_state.1.0.mu.block_1.mlp.fc.kernel/.zarray" '
+        'in OCDBT database at local file "/run/checkpoints/2.orbax-checkpoint-tmp/state/ocdbt.process_0/": '
+        "Failed writin"
+    )
     assert write_error(ValueError(seen)) == "File too large writing opt_state.1.0.mu.block_1.mlp.fc.kernel/.zarray"
     inner = ValueError('UNKNOWN: Error writing local file "/c/d/x": File too large [os_error_code=27]')
     try:  # the reason in a cause down the chain

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import run_cli
+
 from lmjax import interop
 from lmjax.errors import UserError
 from lmjax.models.transformer import Transformer, TransformerConfig
@@ -48,7 +48,7 @@ def _randomize_torch(model, seed: int) -> None:
                 p.copy_(0.5 * noise)
             else:
                 fan_in = p.shape[0] if ".c_" in name else p.shape[1]  # Conv1D [in, out]; Linear [out, in]
-                p.copy_(noise / fan_in ** 0.5)
+                p.copy_(noise / fan_in**0.5)
 
 
 def _randomize_lmjax(params, d_model: int, seed: int):
@@ -74,15 +74,25 @@ def _hf_model(family: str, seed: int = 1):
     torch, transformers = _torch()
     torch.manual_seed(0)
     if family == "gpt2":
-        config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=VOCAB, n_positions=64,
-                                         bos_token_id=0, eos_token_id=0)
+        config = transformers.GPT2Config(
+            n_layer=2, n_head=4, n_embd=64, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0
+        )
         model = transformers.GPT2LMHeadModel(config)
     else:
         config = transformers.LlamaConfig(
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
-            intermediate_size=96, vocab_size=VOCAB, max_position_embeddings=128, rms_norm_eps=1e-5,
-            rope_parameters={"rope_type": "default", "rope_theta": 500.0}, tie_word_embeddings=False,
-            bos_token_id=1, eos_token_id=0)
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            hidden_size=64,
+            intermediate_size=96,
+            vocab_size=VOCAB,
+            max_position_embeddings=128,
+            rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=0,
+        )
         model = transformers.LlamaForCausalLM(config)
     _randomize_torch(model, seed)
     return model.eval()
@@ -119,15 +129,16 @@ def _decode_logits(c: TransformerConfig, params, tokens: np.ndarray, prefix: int
     @jax.jit
     def forward(cache, chunk_BxT, start):
         positions = start + jnp.broadcast_to(jnp.arange(chunk_BxT.shape[1]), chunk_BxT.shape)
-        logits, mutated = model.apply({"params": params, "cache": cache}, chunk_BxT, positions_BxT=positions,
-                                      decode=True, mutable=["cache"])
+        logits, mutated = model.apply(
+            {"params": params, "cache": cache}, chunk_BxT, positions_BxT=positions, decode=True, mutable=["cache"]
+        )
         return logits, mutated["cache"]
 
     x = jnp.asarray(tokens, jnp.int32)
     logits, cache = forward(init_cache(model, params, x.shape[0]), x[:, :prefix], 0)
     out = [np.asarray(logits)]
     for t in range(prefix, x.shape[1]):
-        logits, cache = forward(cache, x[:, t:t + 1], t)
+        logits, cache = forward(cache, x[:, t : t + 1], t)
         out.append(np.asarray(logits))
     return np.concatenate(out, axis=1)
 
@@ -163,7 +174,7 @@ def _reference_logits(c: TransformerConfig, params, tokens: np.ndarray) -> np.nd
         h = x_BxTxNxH.shape[-1]
         angles = np.arange(t)[:, None] / c.rope_base ** (np.arange(0, h, 2) / h)
         cos, sin = np.cos(np.concatenate([angles] * 2, -1))[:, None], np.sin(np.concatenate([angles] * 2, -1))[:, None]
-        rotated = np.concatenate([-x_BxTxNxH[..., h // 2:], x_BxTxNxH[..., : h // 2]], -1)
+        rotated = np.concatenate([-x_BxTxNxH[..., h // 2 :], x_BxTxNxH[..., : h // 2]], -1)
         return x_BxTxNxH * cos + rotated * sin
 
     def attention(x, p):
@@ -182,7 +193,7 @@ def _reference_logits(c: TransformerConfig, params, tokens: np.ndarray) -> np.nd
     def mlp(x, p):
         if c.mlp == "gelu":
             u = dense(x, p["fc"])
-            return dense(0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u ** 3))), p["proj"])
+            return dense(0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u**3))), p["proj"])
         gate = dense(x, p["gate"])
         return dense(gate / (1 + np.exp(-gate)) * dense(x, p["up"]), p["proj"])
 
@@ -201,13 +212,19 @@ def _compare(name: str, c: TransformerConfig, params, tokens: np.ndarray, theirs
     side against the float64 reference: the errors say which side moved."""
     (ours, loss_ours), (lt, loss_theirs) = _lmjax_logits_loss(c, params, tokens), theirs
     ref = _reference_logits(c, params, tokens)
-    err = {"lmjax-torch": np.abs(ours - lt).max(), "torch-f64": np.abs(lt - ref).max(),
-           "lmjax-f64": np.abs(ours - ref).max(), "decode-f64": np.abs(_decode_logits(c, params, tokens) - ref).max()}
+    err = {
+        "lmjax-torch": np.abs(ours - lt).max(),
+        "torch-f64": np.abs(lt - ref).max(),
+        "lmjax-f64": np.abs(ours - ref).max(),
+        "decode-f64": np.abs(_decode_logits(c, params, tokens) - ref).max(),
+    }
     err = {k: float(v) for k, v in err.items()}
     rel = abs(loss_ours - loss_theirs) / abs(loss_theirs)
-    print(f"PARITY {name}: logit std {lt.std():.3f}, max abs logit error "
-          + ", ".join(f"{k} {v:.2e}" for k, v in err.items())
-          + f"; loss {loss_theirs:.5f}, relative loss error {rel:.2e}")
+    print(
+        f"PARITY {name}: logit std {lt.std():.3f}, max abs logit error "
+        + ", ".join(f"{k} {v:.2e}" for k, v in err.items())
+        + f"; loss {loss_theirs:.5f}, relative loss error {rel:.2e}"
+    )
     assert max(err.values()) < LOGIT_TOL, err
     assert rel < LOSS_RTOL, rel
     return err
@@ -238,7 +255,7 @@ def test_import_matches_transformers(family, tmp_path):
         assert (tmp_path / "bf16" / "model.safetensors.index.json").is_file()
         _, _, from_bf16 = interop.load_hf(tmp_path / "bf16")
         np.testing.assert_array_equal(from_bf16["wte"], model.model.embed_tokens.weight.detach().float().numpy())
-        np.testing.assert_allclose(from_bf16["wte"], params["wte"], rtol=2 ** -8)
+        np.testing.assert_allclose(from_bf16["wte"], params["wte"], rtol=2**-8)
         assert (c.n_heads, c.n_kv_heads, c.rope_base, c.tie_embeddings) == (4, 2, 500.0, False)
         # Controls: the comparison sees a wrong key-head order and a wrong rope base.
         swapped = jax.tree.map(lambda x: x, params)
@@ -250,11 +267,25 @@ def test_import_matches_transformers(family, tmp_path):
 
 EXPORT_CASES = {
     "gpt2": {"positions": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "tie_embeddings": True},
-    "gpt2-nobias-untied": {"positions": "learned", "norm": "layernorm", "mlp": "gelu", "bias": False,
-                           "tie_embeddings": False},
-    "llama-gqa-scan": {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False,
-                       "tie_embeddings": False, "n_kv_heads": 2, "rope_base": 500.0, "d_ff": 96,
-                       "norm_eps": 1e-6, "scan_layers": True},
+    "gpt2-nobias-untied": {
+        "positions": "learned",
+        "norm": "layernorm",
+        "mlp": "gelu",
+        "bias": False,
+        "tie_embeddings": False,
+    },
+    "llama-gqa-scan": {
+        "positions": "rope",
+        "norm": "rmsnorm",
+        "mlp": "swiglu",
+        "bias": False,
+        "tie_embeddings": False,
+        "n_kv_heads": 2,
+        "rope_base": 500.0,
+        "d_ff": 96,
+        "norm_eps": 1e-6,
+        "scan_layers": True,
+    },
 }
 
 
@@ -368,8 +399,10 @@ def test_strided_perplexity_matches_transformers(tmp_path):
         nll, count = nll + n, count + k
     assert ours["tokens"] == count == sum(n - 1 for n in lengths)
     rel = abs(ours["nats_per_token"] - nll / count) / (nll / count)
-    print(f"PARITY strided eval (context {context}, stride {stride}, {len(lengths)} docs, {count} tokens): "
-          f"lmjax {ours['nats_per_token']:.6f} nats/token, transformers {nll / count:.6f}, relative error {rel:.2e}")
+    print(
+        f"PARITY strided eval (context {context}, stride {stride}, {len(lengths)} docs, {count} tokens): "
+        f"lmjax {ours['nats_per_token']:.6f} nats/token, transformers {nll / count:.6f}, relative error {rel:.2e}"
+    )
     assert rel < LOSS_RTOL, rel
 
 
@@ -399,12 +432,20 @@ def test_unsupported_configs_are_refused():
     with pytest.raises(UserError, match="model_type 'bert'"):
         interop.model_keys_from_hf({"model_type": "bert"})
     with pytest.raises(UserError, match="rope type 'llama3'"):
-        interop.model_keys_from_hf({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
-                                    "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+        interop.model_keys_from_hf(
+            {
+                "model_type": "llama",
+                "hidden_size": 64,
+                "num_attention_heads": 4,
+                "rope_scaling": {"rope_type": "llama3", "factor": 8.0},
+            }
+        )
     with pytest.raises(UserError, match="activation_function='relu'"):
         interop.model_keys_from_hf({"model_type": "gpt2", "activation_function": "relu"})
     rope_layernorm = TransformerConfig(vocab_size=10, positions="rope", norm="layernorm", mlp="gelu")
-    with pytest.raises(UserError, match=r"as GPT-2 it has model.positions='rope'.*as LLaMA it has model.norm='layernorm'"):
+    with pytest.raises(
+        UserError, match=r"as GPT-2 it has model.positions='rope'.*as LLaMA it has model.norm='layernorm'"
+    ):
         interop.export_family(rope_layernorm)
     assert interop.export_family(TransformerConfig(vocab_size=10)) == "gpt2"
 
@@ -412,8 +453,9 @@ def test_unsupported_configs_are_refused():
 def test_import_overrides_cannot_change_the_weights_shape():
     from lmjax.data.tokenizers import ByteTokenizer
 
-    _, keys = interop.model_keys_from_hf({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4,
-                                          "vocab_size": 257, "n_positions": 64})
+    _, keys = interop.model_keys_from_hf(
+        {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 257, "n_positions": 64}
+    )
     cfg = interop.run_config(keys, ByteTokenizer(), ["data.seq_len=32", "model.scan_layers=True"])
     assert (cfg.data.seq_len, cfg.model.scan_layers, cfg.model.d_ff) == (32, True, 256)
     with pytest.raises(UserError, match=r"model.d_model cannot change on import: the weights fix it to 64"):
@@ -428,7 +470,9 @@ def test_tensor_with_wrong_shape_is_named(tmp_path):
 
     d = _write_hf_config(tmp_path / "m", model_type="gpt2", n_embd=8, n_layer=1, n_head=2, vocab_size=11, n_positions=4)
     save_file({"h.0.attn.c_attn.weight": np.zeros((8, 23), np.float32)}, str(d / "model.safetensors"))
-    with pytest.raises(UserError, match=r"tensor 'h.0.attn.c_attn.weight' has shape \(8, 23\) but config.json implies \(8, 24\)"):
+    with pytest.raises(
+        UserError, match=r"tensor 'h.0.attn.c_attn.weight' has shape \(8, 23\) but config.json implies \(8, 24\)"
+    ):
         interop.load_hf(d)
 
 
@@ -448,8 +492,17 @@ def test_cli_import_eval_sample_export(tmp_path):
     tok.tok.save(str(src / "tokenizer.json"))
 
     run = tmp_path / "run"
-    r = run_cli(["import-hf", str(src), "--out", str(run), "--config.data.source=stdlib",
-                 "--config.data.max_documents=4", "--config.data.seq_len=32"])
+    r = run_cli(
+        [
+            "import-hf",
+            str(src),
+            "--out",
+            str(run),
+            "--config.data.source=stdlib",
+            "--config.data.max_documents=4",
+            "--config.data.seq_len=32",
+        ]
+    )
     assert r.returncode == 0, r.stderr
     saved = json.loads((run / "config.json").read_text())
     assert saved["model"]["positions"] == "learned" and saved["model"]["vocab_size"] == VOCAB
@@ -466,7 +519,9 @@ def test_cli_import_eval_sample_export(tmp_path):
     out = tmp_path / "exported"
     r = run_cli(["export-hf", str(run), "--out", str(out)])
     assert r.returncode == 0, r.stderr
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in out.iterdir()
+    }
     again = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     a, b = _torch_logits_loss(model, TOKENS), _torch_logits_loss(again, TOKENS)
     np.testing.assert_array_equal(a[0], b[0])  # a float32 copy in and out: exact
@@ -483,9 +538,15 @@ def test_imported_tokenizer_keeps_its_eos_token(tmp_path):
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(["def f(x):\n    return x + 1\n"] * 5, trainers.BpeTrainer(
-        vocab_size=280, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+    raw.train_from_iterator(
+        ["def f(x):\n    return x + 1\n"] * 5,
+        trainers.BpeTrainer(
+            vocab_size=280,
+            special_tokens=["<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     size = raw.get_vocab_size()
     d = _write_hf_config(tmp_path / "m", model_type="llama", eos_token_id=1)
     raw.save(str(d / "tokenizer.json"))

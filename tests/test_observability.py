@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import tiny_config
+
 from lmjax import flops
 from lmjax.cli import main as cli_main
 from lmjax.errors import UserError
@@ -24,6 +24,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 # ---- FLOPs per token ---------------------------------------------------------------------
+
 
 def test_flops_per_token_of_the_tiny_model_matches_a_count_by_hand():
     # D=32, L=2, 2 heads of 16, gelu F=4D=128, V=257 (bytes + EOT), T=32.
@@ -37,8 +38,17 @@ def test_flops_per_token_of_the_tiny_model_matches_a_count_by_hand():
 
 def test_flops_per_token_with_grouped_query_attention_and_swiglu():
     # D=64, L=3, 4 query heads and 2 key/value heads of 16, swiglu F=256, V=100, T=16.
-    cfg = TransformerConfig(vocab_size=100, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=256,
-                            max_len=16, mlp="swiglu", tie_embeddings=False)
+    cfg = TransformerConfig(
+        vocab_size=100,
+        d_model=64,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=256,
+        max_len=16,
+        mlp="swiglu",
+        tie_embeddings=False,
+    )
     attention = 64 * 64 + 2 * 64 * 2 * 16 + 64 * 64  # q 4096, k + v 4096, out 4096
     mlp = 3 * 64 * 256  # gate, up, proj: 49152
     matmul_params = 3 * (attention + mlp) + 64 * 100  # 184320 + 6400
@@ -60,8 +70,9 @@ def test_matmul_weights_counted_are_the_models_kernels(tie):
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32)))["params"]
     flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
     names = lambda path: [getattr(k, "key", "") for k in path]  # noqa: E731
-    kernels = sum(int(np.prod(x.shape)) for path, x in flat
-                  if len(x.shape) >= 2 and not {"wte", "wpe", "bias"} & set(names(path)))  # q/k/v biases are 2-D
+    kernels = sum(
+        int(np.prod(x.shape)) for path, x in flat if len(x.shape) >= 2 and not {"wte", "wpe", "bias"} & set(names(path))
+    )  # q/k/v biases are 2-D
     head = 32 * 50 if tie else 0  # a tied head reuses wte, which is left out above
     attention_term = 6 * 2 * 32 * 24
     assert flops.flops_per_token(model.cfg, 24) == 6 * (kernels + head) + attention_term
@@ -74,18 +85,22 @@ def test_flops_unknown_for_other_models():
 
 # ---- peak FLOP/s and MFU -------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind, dtype, expected", [
-    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
-    ("NVIDIA H100 PCIe", "bfloat16", 756e12),
-    ("NVIDIA H200", "float32", 495e12),
-    ("NVIDIA A100-SXM4-40GB", "float32", 156e12),
-    ("NVIDIA A10G", "bfloat16", 70e12),
-    ("NVIDIA L4", "bfloat16", 121e12),
-    ("Tesla V100-SXM2-16GB", "float32", 15.7e12),
-    ("TPU v4", "bfloat16", 275e12),
-    ("TPU v5 lite", "bfloat16", 197e12),
-    ("TPU v5", "bfloat16", 459e12),
-])
+
+@pytest.mark.parametrize(
+    "kind, dtype, expected",
+    [
+        ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
+        ("NVIDIA H100 PCIe", "bfloat16", 756e12),
+        ("NVIDIA H200", "float32", 495e12),
+        ("NVIDIA A100-SXM4-40GB", "float32", 156e12),
+        ("NVIDIA A10G", "bfloat16", 70e12),
+        ("NVIDIA L4", "bfloat16", 121e12),
+        ("Tesla V100-SXM2-16GB", "float32", 15.7e12),
+        ("TPU v4", "bfloat16", 275e12),
+        ("TPU v5 lite", "bfloat16", 197e12),
+        ("TPU v5", "bfloat16", 459e12),
+    ],
+)
 def test_peak_table(kind, dtype, expected):
     assert flops.table_peak(kind, dtype)[1] == expected
 
@@ -132,6 +147,7 @@ def test_cpu_peak_is_the_best_of_xla_and_blas_and_says_which(monkeypatch):
 
 # ---- writers, console ----------------------------------------------------------------------
 
+
 def test_wall_time_accumulates_across_resumes(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 5, "time": 100.0, "loss": 3.0}) + "\n")
     writer = MetricsWriter(tmp_path)
@@ -157,6 +173,7 @@ def test_progress_lines_when_not_a_terminal(capsys):
 
 
 # ---- a real tiny run: TensorBoard, W&B, MFU, profile, first lines ----------------------------
+
 
 class FakeWandb(types.ModuleType):
     """Stands in for the wandb package: records init / log / finish."""
@@ -187,8 +204,18 @@ def tiny_run(tmp_path_factory, corpus_dir):
     fake = FakeWandb()
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     # The stdlib source: the foundation's files source fails on this datasets version (data helper's area).
-    cfg = tiny_config(corpus_dir, **{"data.source": "stdlib", "data.max_documents": 40, "train.tensorboard": True, "train.wandb": True, "train.peak_flops": 1e14,
-                                     "train.profile_steps": 2, "sample.prompt": "def "})
+    cfg = tiny_config(
+        corpus_dir,
+        **{
+            "data.source": "stdlib",
+            "data.max_documents": 40,
+            "train.tensorboard": True,
+            "train.wandb": True,
+            "train.peak_flops": 1e14,
+            "train.profile_steps": 2,
+            "sample.prompt": "def ",
+        },
+    )
     lines = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "wandb", fake)
@@ -210,11 +237,11 @@ def read_event_file(path: Path) -> list:
 
     data, i, events = path.read_bytes(), 0, []
     while i < len(data):
-        header = data[i:i + 8]
+        header = data[i : i + 8]
         (length,) = struct.unpack("<Q", header)
-        assert struct.unpack("<I", data[i + 8:i + 12])[0] == masked_crc(header)
-        body = data[i + 12:i + 12 + length]
-        assert struct.unpack("<I", data[i + 12 + length:i + 16 + length])[0] == masked_crc(body)
+        assert struct.unpack("<I", data[i + 8 : i + 12])[0] == masked_crc(header)
+        body = data[i + 12 : i + 12 + length]
+        assert struct.unpack("<I", data[i + 12 + length : i + 16 + length])[0] == masked_crc(body)
         events.append(Event.FromString(body))
         i += 16 + length
     return events
@@ -260,9 +287,16 @@ def test_mfu_and_wall_time_in_metrics(tiny_run):
     assert "mfu" not in train_records[0]  # step 1 includes compilation: no throughput for it
     for r in train_records[1:]:
         assert 0 < r["mfu"] <= 1
-        expected = flops.flops_per_token(
-            TransformerConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=128, max_len=32),
-            32) * r["tokens_per_s"] / 1e14
+        expected = (
+            flops.flops_per_token(
+                TransformerConfig(
+                    vocab_size=257, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=128, max_len=32
+                ),
+                32,
+            )
+            * r["tokens_per_s"]
+            / 1e14
+        )
         assert r["mfu"] == pytest.approx(expected, rel=1e-9)
     times = [r["time"] for r in records]
     assert times == sorted(times) and times[0] > 0
@@ -271,8 +305,14 @@ def test_mfu_and_wall_time_in_metrics(tiny_run):
 @pytest.mark.slow
 def test_first_lines_say_what_the_run_is(tiny_run):
     text = "\n".join(tiny_run.lines)
-    for expected in ("run directory: ", "parameters", "tokens per step", "mesh data=1", "held-out",
-                     "MFU: 209,088 model FLOPs per token; peak 100 TFLOP/s per device x 1 devices, from train.peak_flops"):
+    for expected in (
+        "run directory: ",
+        "parameters",
+        "tokens per step",
+        "mesh data=1",
+        "held-out",
+        "MFU: 209,088 model FLOPs per token; peak 100 TFLOP/s per device x 1 devices, from train.peak_flops",
+    ):
         assert expected in text, expected
 
 
@@ -297,6 +337,7 @@ def test_plot_and_runs_on_a_real_run(tiny_run, capsys):
 
 # ---- plot and runs on metrics files ----------------------------------------------------------
 
+
 def fake_run(run_dir: Path, steps: int, scale: float, tokens_per_step: int = 256, planned: int | None = None) -> Path:
     """A run directory with a metrics.jsonl like the loop writes (and a config.json)."""
     run_dir.mkdir(parents=True)
@@ -304,8 +345,14 @@ def fake_run(run_dir: Path, steps: int, scale: float, tokens_per_step: int = 256
     for s in range(1, steps + 1):
         lines.append({"step": s, "time": 0.5 * s, "loss": scale * (2 + 3 / s), "tokens_seen": s * tokens_per_step})
         if s % 5 == 0:
-            lines.append({"step": s, "time": 0.5 * s + 0.1, "heldout_loss": scale * (2.2 + 3 / s),
-                          "heldout_ppl": math.exp(scale * (2.2 + 3 / s))})
+            lines.append(
+                {
+                    "step": s,
+                    "time": 0.5 * s + 0.1,
+                    "heldout_loss": scale * (2.2 + 3 / s),
+                    "heldout_ppl": math.exp(scale * (2.2 + 3 / s)),
+                }
+            )
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     (run_dir / "config.json").write_text(json.dumps({"train": {"steps": planned or steps}}))
     return run_dir

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, run_cli, write_experiment
 from ml_collections import ConfigDict
 
-from conftest import ROOT, run_cli, write_experiment
 from lmjax.errors import UserError
 from lmjax.metrics import read_jsonl
 from lmjax.train.distributed import distributed_args
@@ -33,21 +33,39 @@ TOL = 1e-5
 # The loop runs (reference, restore, multi-host): constant learning rate, so a run that
 # stops at step 3 and one that continues to 6 follow the same schedule; vocabulary 264
 # (the byte tokenizer's 257, padded) so it divides the tensor axis.
-LOOP = {"optim.schedule": "constant", "model.vocab_size": 264, "train.steps": 6, "train.eval_every": 3,
-        "train.save_every": 3, "parallel.data": 2, "parallel.fsdp": 4}
+LOOP = {
+    "optim.schedule": "constant",
+    "model.vocab_size": 264,
+    "train.steps": 6,
+    "train.eval_every": 3,
+    "train.save_every": 3,
+    "parallel.data": 2,
+    "parallel.fsdp": 4,
+}
 
 
 def device_env(devices: int, cache: Path) -> dict:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
-            "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), "LMJAX_CACHE": str(cache)}
+    return {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(ROOT),
+        "LMJAX_CACHE": str(cache),
+    }
 
 
 def run_worker(case: str, args: dict, devices: int, cache: Path, timeout: int = 900) -> dict:
-    proc = subprocess.run([sys.executable, str(WORKER), case, json.dumps(args)], env=device_env(devices, cache),
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), case, json.dumps(args)],
+        env=device_env(devices, cache),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"worker {case} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def losses_by_step(run_dir: Path) -> dict:
@@ -137,11 +155,20 @@ def test_params_are_sharded_as_the_layout_says(layouts):
     specs, shapes = layouts["specs"], layouts["shard_shapes"]
     assert specs["data8"] == specs["single"]  # data parallel: every device holds everything
     assert all(axis is None for spec in specs["data8"].values() for axis in spec)
-    assert specs["fsdp8"] == {"wte": [None, "fsdp"], "fc": ["fsdp", None], "query": ["fsdp", None, None],
-                              "proj": [None, "fsdp"], "adam_mu_fc": ["fsdp", None]}
-    assert specs["data2_fsdp2_tensor2"] == {"wte": ["tensor", "fsdp"], "fc": ["fsdp", "tensor"],
-                                            "query": ["fsdp", "tensor", None], "proj": ["tensor", "fsdp"],
-                                            "adam_mu_fc": ["fsdp", "tensor"]}
+    assert specs["fsdp8"] == {
+        "wte": [None, "fsdp"],
+        "fc": ["fsdp", None],
+        "query": ["fsdp", None, None],
+        "proj": [None, "fsdp"],
+        "adam_mu_fc": ["fsdp", None],
+    }
+    assert specs["data2_fsdp2_tensor2"] == {
+        "wte": ["tensor", "fsdp"],
+        "fc": ["fsdp", "tensor"],
+        "query": ["fsdp", "tensor", None],
+        "proj": ["tensor", "fsdp"],
+        "adam_mu_fc": ["fsdp", "tensor"],
+    }
     # What device 0 actually holds: vocabulary 256 x width 32, MLP 128, 4 heads of 8.
     assert shapes["single"]["wte"] == [256, 32]
     assert shapes["fsdp8"] == {"wte": [256, 4], "fc": [4, 128], "query": [4, 4, 8], "proj": [128, 4]}
@@ -201,9 +228,15 @@ def reference(tmp_path_factory, corpus_dir, cache):
     eval and save every 3), and the same under pmap; compilations counted per run."""
     root = tmp_path_factory.mktemp("reference")
     runs = [
-        {"workdir": str(root / "warmup"), "overrides": {**LOOP, "train.steps": 2, "train.eval_every": 1, "train.save_every": 1}},
+        {
+            "workdir": str(root / "warmup"),
+            "overrides": {**LOOP, "train.steps": 2, "train.eval_every": 1, "train.save_every": 1},
+        },
         {"workdir": str(root / "mesh"), "overrides": LOOP},
-        {"workdir": str(root / "pmap"), "overrides": {**LOOP, "parallel.strategy": "pmap", "parallel.data": -1, "parallel.fsdp": 1}},
+        {
+            "workdir": str(root / "pmap"),
+            "overrides": {**LOOP, "parallel.strategy": "pmap", "parallel.data": -1, "parallel.fsdp": 1},
+        },
     ]
     out = run_worker("loop", {"corpus": str(corpus_dir), "count_compiles": True, "runs": runs}, 8, cache)
     out["dirs"] = {name: root / name for name in ("warmup", "mesh", "pmap")}
@@ -218,11 +251,14 @@ def test_no_recompilation_after_the_first_step(reference):
     assert warmup["compiles"].count("jit(eval_step)") == 1, warmup["compiles"]
     # A later run of 6 steps with 2 evaluations and 2 saves compiles each function once (and the
     # MFU peak probe at start: the quick one, one matrix size, once the machine's peak is cached).
-    assert sorted(mesh["compiles"]) == ["jit(eval_step)", "jit(init_state)", "jit(matmul_probe)",
-                                        "jit(train_step)"], mesh["compiles"]
+    assert sorted(mesh["compiles"]) == ["jit(eval_step)", "jit(init_state)", "jit(matmul_probe)", "jit(train_step)"], (
+        mesh["compiles"]
+    )
     # pmap compiles its step and eval as 'jit(_fun)'; Orbax slices replicated arrays once.
     assert pmap["compiles"].count("jit(_fun)") == 2, pmap["compiles"]
-    assert set(pmap["compiles"]) <= {"jit(_fun)", "jit(init_state)", "jit(slice)", "jit(matmul_probe)"}, pmap["compiles"]
+    assert set(pmap["compiles"]) <= {"jit(_fun)", "jit(init_state)", "jit(slice)", "jit(matmul_probe)"}, pmap[
+        "compiles"
+    ]
 
 
 @pytest.mark.slow
@@ -247,8 +283,10 @@ def test_restore_onto_fewer_devices_continues_the_same_run(reference, tmp_path, 
     """Saved under mesh fsdp=4 x data=2 on 8 devices at step 3; continued to 6 in a process
     with 2 devices, once as fsdp=2 and once on one device."""
     layouts = {"fsdp2": {"parallel.data": 1, "parallel.fsdp": 2}, "single": {"parallel.strategy": "single"}}
-    runs = [{"workdir": str(_resume_dir(reference, tmp_path / name)), "overrides": {**LOOP, **overrides}}
-            for name, overrides in layouts.items()]
+    runs = [
+        {"workdir": str(_resume_dir(reference, tmp_path / name)), "overrides": {**LOOP, **overrides}}
+        for name, overrides in layouts.items()
+    ]
     out = run_worker("loop", {"corpus": str(corpus_dir), "runs": runs}, 2, cache)
     assert out["devices"] == 2
     for run, result in zip(runs, out["results"]):
@@ -281,12 +319,28 @@ def launch_two_processes(exp: Path, run_dir: Path, cache: Path, extra: list[str]
     layout = ["--config.parallel.data=2", "--config.parallel.fsdp=2", "--config.parallel.tensor=2"]
     base = [sys.executable, "-m", "lmjax.cli", "train", str(exp), "--workdir", str(run_dir), *layout, *extra]
     commands = [
-        (base + [f"--config.parallel.coordinator=127.0.0.1:{port}", "--config.parallel.num_processes=2",
-                 "--config.parallel.process_id=0"], {}),
+        (
+            base
+            + [
+                f"--config.parallel.coordinator=127.0.0.1:{port}",
+                "--config.parallel.num_processes=2",
+                "--config.parallel.process_id=0",
+            ],
+            {},
+        ),
         (base, {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}),
     ]
-    return [subprocess.Popen(cmd, env={**device_env(4, cache), **env}, cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for cmd, env in commands]
+    return [
+        subprocess.Popen(
+            cmd,
+            env={**device_env(4, cache), **env},
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for cmd, env in commands
+    ]
 
 
 def wait_all(procs: list[subprocess.Popen], timeout: int = 600) -> list[tuple[int, str, str]]:
@@ -349,10 +403,13 @@ def test_two_processes_match_one_process_and_stop_together(reference, tmp_path, 
 # Errors a person can fix, and how the multi-process settings are read
 
 
-@pytest.mark.parametrize("override, words", [
-    ("--config.train.batch_size=12", "train.batch_size=12"),
-    ("--config.parallel.data=3", "parallel.data"),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("--config.train.batch_size=12", "train.batch_size=12"),
+        ("--config.parallel.data=3", "parallel.data"),
+    ],
+)
 def test_layout_mistakes_are_one_line_errors(tmp_path, corpus_dir, cache, override, words):
     exp = write_experiment(tmp_path / "exp.py", corpus_dir)
     env = device_env(8, cache)
@@ -375,14 +432,22 @@ def _parallel(**kw) -> ConfigDict:
 def test_distributed_args_from_config_environment_and_launchers():
     assert distributed_args(_parallel(), {}) is None
     assert distributed_args(_parallel(coordinator="10.0.0.1:1234", num_processes=4, process_id=3), {}) == {
-        "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+        "coordinator_address": "10.0.0.1:1234",
+        "num_processes": 4,
+        "process_id": 3,
+    }
     env = {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}
     assert distributed_args(_parallel(), env) == {"coordinator_address": "h:1", "num_processes": 2, "process_id": 0}
     # Config wins over the environment.
     assert distributed_args(_parallel(process_id=1), env)["process_id"] == 1
     # Launchers JAX reads by itself: initialize() with nothing filled in.
-    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
-             "SLURM_LOCALID": "0"}
+    slurm = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_STEP_NODELIST": "n[1-2]",
+        "SLURM_NTASKS": "2",
+        "SLURM_PROCID": "1",
+        "SLURM_LOCALID": "0",
+    }
     assert distributed_args(_parallel(), slurm) == {}
     assert distributed_args(_parallel(), {**slurm, "SLURM_NTASKS": "1"}) is None  # one task: one process
     assert distributed_args(_parallel(), {"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}) == {}
@@ -391,12 +456,15 @@ def test_distributed_args_from_config_environment_and_launchers():
     assert distributed_args(_parallel(num_processes=1), {}) is None
 
 
-@pytest.mark.parametrize("kw, env, words", [
-    ({"coordinator": "10.0.0.1:1234"}, {}, "parallel.num_processes"),
-    ({"coordinator": "10.0.0.1", "num_processes": 2, "process_id": 0}, {}, "host:port"),
-    ({"coordinator": "h:1", "num_processes": 2, "process_id": 2}, {}, "parallel.process_id=2"),
-    ({}, {"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES"),
-])
+@pytest.mark.parametrize(
+    "kw, env, words",
+    [
+        ({"coordinator": "10.0.0.1:1234"}, {}, "parallel.num_processes"),
+        ({"coordinator": "10.0.0.1", "num_processes": 2, "process_id": 0}, {}, "host:port"),
+        ({"coordinator": "h:1", "num_processes": 2, "process_id": 2}, {}, "parallel.process_id=2"),
+        ({}, {"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES"),
+    ],
+)
 def test_incomplete_multiprocess_settings_are_user_errors(kw, env, words):
     with pytest.raises(UserError, match=words.replace(".", r"\.")):
         distributed_args(_parallel(**kw), env)

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from ml_collections import ConfigDict
+
 from lmjax.devices import DEVICE_MEMORY, GiB, cuda_plugin_installed
 from lmjax.errors import UserError
 from lmjax.plan import (
@@ -18,7 +20,6 @@ from lmjax.plan import (
     device_name,
     vocab_size_without_data,
 )
-from ml_collections import ConfigDict
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "experiments" / "tiny.py")

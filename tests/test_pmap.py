@@ -5,6 +5,7 @@ scale error; Adam's scale invariance hides it from the losses, not from the grad
 Mutation caught (tried once by hand in lmjax/train/step.py): the gradients averaged (pmean)
 instead of summed (psum) over the pmap axis: pmap's gradient norm is then 1/8 of one device's.
 """
+
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -58,8 +59,13 @@ WORKER = textwrap.dedent("""
 
 def test_pmap_matches_single_device(corpus_dir, tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", WORKER, str(ROOT / "tests"), str(corpus_dir), str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", WORKER, str(ROOT / "tests"), str(corpus_dir), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     single, pmap = out["single"], out["pmap"]

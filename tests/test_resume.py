@@ -15,8 +15,8 @@ import time
 import jax
 import numpy as np
 import pytest
-
 from conftest import ROOT, tiny_config, write_experiment
+
 from lmjax.checkpoint import Checkpoints
 from lmjax.metrics import read_jsonl
 from lmjax.run import build_run
@@ -48,8 +48,9 @@ def _losses(run_dir):
 
 
 def test_stop_and_resume_is_bit_identical(corpus_dir, tmp_path):
-    cfg = tiny_config(corpus_dir, **{"train.steps": 8, "train.save_every": 100, "train.eval_every": 4,
-                                     "model.dropout": 0.1})
+    cfg = tiny_config(
+        corpus_dir, **{"train.steps": 8, "train.save_every": 100, "train.eval_every": 4, "model.dropout": 0.1}
+    )
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(cfg, straight, log=lambda *_: None)
     first = train(cfg, split, log=lambda *_: None, stop_at=4)
@@ -68,8 +69,10 @@ def test_stop_and_resume_is_bit_identical(corpus_dir, tmp_path):
     lines = []
     cfg.train.steps = 10
     train(cfg, split, log=lines.append)
-    assert any(line.startswith("resume: config change allowed: train.steps 8 -> 10: the cosine decay now ends at "
-                               "step 10") for line in lines), lines
+    assert any(
+        line.startswith("resume: config change allowed: train.steps 8 -> 10: the cosine decay now ends at step 10")
+        for line in lines
+    ), lines
 
 
 @pytest.mark.slow
@@ -78,8 +81,11 @@ def test_kill9_and_resume_in_fresh_processes_without_compilation_cache(corpus_di
     the reference is another process run straight through. No process reads or writes JAX's
     compilation cache, so each compiles its own programs: a state only a recompile or a fresh
     process restores would show here."""
-    exp = write_experiment(tmp_path / "exp.py", corpus_dir, "\n".join([
-        "c.train.steps = 8", "c.train.save_every = 2", "c.train.eval_every = 4", "c.model.dropout = 0.1"]))
+    exp = write_experiment(
+        tmp_path / "exp.py",
+        corpus_dir,
+        "\n".join(["c.train.steps = 8", "c.train.save_every = 2", "c.train.eval_every = 4", "c.model.dropout = 0.1"]),
+    )
     cache = tmp_path / "jax_cache"
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")}
     env.update(PYTHONPATH=str(ROOT), JAX_ENABLE_COMPILATION_CACHE="false", JAX_COMPILATION_CACHE_DIR=str(cache))

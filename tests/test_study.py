@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, run_cli, tiny_config, write_experiment
+
 from lmjax.errors import UserError
 from lmjax.study import fit, grid, scaling, sweep
 from lmjax.study.report import format_points
@@ -27,8 +27,12 @@ def test_grid_expands_to_every_combination_named_by_its_values(corpus_dir):
     g = grid.parse_grid(["optim.lr=1e-3,0.001,3e-3", "--config.model.d_model=32,64"], base)
     assert g == {"optim.lr": ["1e-3", "3e-3"], "model.d_model": ["32", "64"]}  # 1e-3 and 0.001 are one value
     points = grid.expand(g, base)
-    assert [p.name for p in points] == ["lr=0.001__d_model=32", "lr=0.001__d_model=64",
-                                        "lr=0.003__d_model=32", "lr=0.003__d_model=64"]
+    assert [p.name for p in points] == [
+        "lr=0.001__d_model=32",
+        "lr=0.001__d_model=64",
+        "lr=0.003__d_model=32",
+        "lr=0.003__d_model=64",
+    ]
     assert points[1].overrides == ("optim.lr=1e-3", "model.d_model=64")
     assert points[1].values == {"optim.lr": 0.001, "model.d_model": 64}
     cfg = grid.point_config(base, points[1])
@@ -43,15 +47,21 @@ def test_grid_expands_to_every_combination_named_by_its_values(corpus_dir):
     assert same_leaf[0].name == "seed=1__data.seed=2__kind=byte"
 
 
-@pytest.mark.parametrize("specs, message", [
-    (["optim.lrr=1e-3,3e-3"], "unknown config key 'optim.lrr' in --grid optim.lrr=1e-3,3e-3; did you mean 'optim.lr'?"),
-    (["optim.lr=1e-3,fast"], "config key 'optim.lr' expects a float (default 0.001), got 'fast'"),
-    (["train.steps=10,2.5"], "config key 'train.steps' expects an int"),
-    (["optim.lr="], "--grid optim.lr= has no values"),
-    (["optim.lr"], "needs the form KEY=V1,V2"),
-    ([], "a sweep needs at least one --grid"),
-    (["optim.lr=1e-3", "optim.lr=3e-3"], "names 'optim.lr' twice"),
-])
+@pytest.mark.parametrize(
+    "specs, message",
+    [
+        (
+            ["optim.lrr=1e-3,3e-3"],
+            "unknown config key 'optim.lrr' in --grid optim.lrr=1e-3,3e-3; did you mean 'optim.lr'?",
+        ),
+        (["optim.lr=1e-3,fast"], "config key 'optim.lr' expects a float (default 0.001), got 'fast'"),
+        (["train.steps=10,2.5"], "config key 'train.steps' expects an int"),
+        (["optim.lr="], "--grid optim.lr= has no values"),
+        (["optim.lr"], "needs the form KEY=V1,V2"),
+        ([], "a sweep needs at least one --grid"),
+        (["optim.lr=1e-3", "optim.lr=3e-3"], "names 'optim.lr' twice"),
+    ],
+)
 def test_bad_grids_are_refused_in_one_line(corpus_dir, specs, message):
     with pytest.raises(UserError) as e:
         grid.parse_grid(specs, tiny_config(corpus_dir))
@@ -62,8 +72,9 @@ def test_a_point_with_an_invalid_config_is_refused_before_any_run(tmp_path, corp
     exp = write_experiment(tmp_path / "exp.py", corpus_dir)
     r = run_cli(["sweep", str(exp), "--grid", "model.n_heads=2,3", "--out", str(tmp_path / "sweep")])
     assert r.returncode == 2
-    assert r.stderr.strip() == ("lmjax: error: sweep point n_heads=3: model.d_model=32 must be divisible by "
-                                "model.n_heads=3")
+    assert r.stderr.strip() == (
+        "lmjax: error: sweep point n_heads=3: model.d_model=32 must be divisible by model.n_heads=3"
+    )
     assert not (tmp_path / "sweep").exists()
 
 
@@ -75,8 +86,10 @@ def test_a_second_sweep_on_the_same_directory_is_refused_and_a_dead_holder_is_ta
                 pass
     assert f"in use by another sweep (PID {os.getpid()} on {socket.gethostname()}" in str(e.value)
 
-    holder = ("import os, sys; from lmjax.study.sweep import SweepLock; SweepLock(sys.argv[1]).__enter__(); "
-              "os.kill(os.getpid(), 9)")
+    holder = (
+        "import os, sys; from lmjax.study.sweep import SweepLock; SweepLock(sys.argv[1]).__enter__(); "
+        "os.kill(os.getpid(), 9)"
+    )
     r = subprocess.run([sys.executable, "-c", holder, str(out)], env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == -signal.SIGKILL
     said = []
@@ -86,8 +99,11 @@ def test_a_second_sweep_on_the_same_directory_is_refused_and_a_dead_holder_is_ta
 
 
 def _files(run_dir: Path) -> dict:
-    return {str(p.relative_to(run_dir)): (p.stat().st_mtime_ns, p.read_bytes())
-            for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != "train.log"}
+    return {
+        str(p.relative_to(run_dir)): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and p.name != "train.log"
+    }
 
 
 def _children(pid: int) -> list[int]:
@@ -103,13 +119,19 @@ def _running(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the sweep's children")
 def test_a_sweep_killed_with_sigkill_resumes_and_retrains_nothing_finished(tmp_path, corpus_dir):
-    exp = write_experiment(tmp_path / "exp.py", corpus_dir, "c.train.save_every = 30\nc.train.eval_every = 1000\n"
-                                                            "c.train.log_every = 20")
+    exp = write_experiment(
+        tmp_path / "exp.py", corpus_dir, "c.train.save_every = 30\nc.train.eval_every = 1000\nc.train.log_every = 20"
+    )
     out = tmp_path / "sweep"
     grid_args = ["sweep", str(exp), "--grid", "train.steps=8,300", "--out", str(out)]
     # First with --parallel 2: both points at once as `lmjax train` subprocesses; then kill -9 the sweep.
-    first = subprocess.Popen([sys.executable, "-m", "lmjax.cli", *grid_args, "--parallel", "2"], cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "lmjax.cli", *grid_args, "--parallel", "2"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     done, long = out / "steps=8", out / "steps=300"
     deadline = time.time() + 600
 
@@ -127,7 +149,7 @@ def test_a_sweep_killed_with_sigkill_resumes_and_retrains_nothing_finished(tmp_p
         time.sleep(0.05)
     started = [line for line in lines if "training on device" in line]
     assert [line.split("device ")[1] for line in started] == ["0", "1"]
-    assert not any(": done in" in line for line in lines[:lines.index(started[1])])  # both ran at once
+    assert not any(": done in" in line for line in lines[: lines.index(started[1])])  # both ran at once
     killed_at = sweep.finished_step(long)
     assert killed_at is not None and 30 <= killed_at < 300
     assert sweep.finished_step(done) == 8
@@ -159,7 +181,7 @@ def _synthetic_runs(law: dict, budgets, sizes_per_budget: int, noise: float, see
         n_opt = g * (c / 6) ** (beta / (alpha + beta))
         for n in n_opt * np.geomspace(1 / 8, 8, sizes_per_budget):
             d = c / (6 * n)
-            loss = (e + a / n ** alpha + b / d ** beta) * math.exp(rng.normal(0, noise))
+            loss = (e + a / n**alpha + b / d**beta) * math.exp(rng.normal(0, noise))
             runs.append({"budget": c, "N": n, "D": d, "C": c, "loss": loss})
     return runs
 
@@ -167,13 +189,21 @@ def _synthetic_runs(law: dict, budgets, sizes_per_budget: int, noise: float, see
 def test_the_fits_recover_a_known_law_within_their_own_intervals():
     law = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}  # Hoffmann et al. 2022
     a_true, b_true = law["beta"] / (law["alpha"] + law["beta"]), law["alpha"] / (law["alpha"] + law["beta"])
-    truths = {"parametric.alpha": law["alpha"], "parametric.beta": law["beta"], "parametric.E": law["E"],
-              "parametric.a": a_true, "parametric.b": b_true, "N_opt_law": a_true, "D_opt_law": b_true}
+    truths = {
+        "parametric.alpha": law["alpha"],
+        "parametric.beta": law["beta"],
+        "parametric.E": law["E"],
+        "parametric.a": a_true,
+        "parametric.b": b_true,
+        "N_opt_law": a_true,
+        "D_opt_law": b_true,
+    }
     covered = {k: 0 for k in truths}
     seeds = range(4)  # 95% intervals miss now and then: each truth must be inside at 3 noise draws of 4
     for seed in seeds:
-        fits = fit.fit_with_intervals(_synthetic_runs(law, [1e18, 1e19, 1e20, 1e21], 6, noise=0.003, seed=seed),
-                                      samples=40, seed=seed)
+        fits = fit.fit_with_intervals(
+            _synthetic_runs(law, [1e18, 1e19, 1e20, 1e21], 6, noise=0.003, seed=seed), samples=40, seed=seed
+        )
         p = fits["parametric"]
         assert abs(p["alpha"] - law["alpha"]) < 0.03 and abs(p["beta"] - law["beta"]) < 0.03
         assert all(m["inside"] for m in fits["isoflop"])
@@ -225,19 +255,31 @@ def test_a_directory_of_another_experiment_is_refused_naming_the_keys(tmp_path, 
 
 @pytest.mark.slow
 def test_a_study_trains_fits_plots_and_refuses_another_experiments_directory(tmp_path, corpus_dir):
-    exp = write_experiment(tmp_path / "exp.py", corpus_dir, "c.train.steps = 100\nc.optim.warmup_steps = 5\n"
-                                                            "c.optim.lr = 3e-3")
+    exp = write_experiment(
+        tmp_path / "exp.py", corpus_dir, "c.train.steps = 100\nc.optim.warmup_steps = 5\nc.optim.lr = 3e-3"
+    )
     out = tmp_path / "study"
-    args = ["study", str(exp), "--budgets", "1.2e10,2.4e10", "--per-budget", "3", "--out", str(out),
-            "--bootstrap", "20"]
+    args = [
+        "study",
+        str(exp),
+        "--budgets",
+        "1.2e10,2.4e10",
+        "--per-budget",
+        "3",
+        "--out",
+        str(out),
+        "--bootstrap",
+        "20",
+    ]
     r = run_cli(args)
     assert r.returncode == 0, r.stdout + r.stderr
     record = json.loads((out / "study.json").read_text())
     assert len(record["runs"]) == 6 and not record["unfinished"]
     assert {r["budget"] for r in record["runs"]} == {1.2e10, 2.4e10}
     for run in record["runs"]:
-        assert run["loss"] == pytest.approx(json.loads((out / run["name"] / "metrics.jsonl").read_text()
-                                                       .splitlines()[-1])["heldout_loss"])
+        assert run["loss"] == pytest.approx(
+            json.loads((out / run["name"] / "metrics.jsonl").read_text().splitlines()[-1])["heldout_loss"]
+        )
     assert set(record["fits"]) >= {"isoflop", "N_opt_law", "D_opt_law", "parametric"}
     assert all((out / name).stat().st_size > 0 for name in ("isoflop.png", "frontier.png", "predicted.png"))
     assert "N_opt ∝ C^a" in r.stdout and "L(N, D) = E + A/N^alpha + B/D^beta" in r.stdout

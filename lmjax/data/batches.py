@@ -149,7 +149,7 @@ class Prefetcher:
                 if not self._put((step, put(make(step)))):
                     return
             self._put((None, None))  # end of the steps
-        except BaseException as e:  # noqa: BLE001 - any error, re-raised in the consumer
+        except BaseException as e:
             self._put((None, e))
 
     def __iter__(self) -> Iterator[tuple[int, dict]]:

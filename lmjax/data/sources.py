@@ -65,8 +65,10 @@ def _load(builder: str, data_files, where: str, **kwargs):
     except datasets.exceptions.DatasetGenerationError as e:
         cause = e.__cause__ or e
         first_line = str(cause).splitlines()[0][:200]
-        raise UserError(f"could not read {where} as {builder} ({type(cause).__name__}: {first_line}); "
-                        "check the files and data.format") from None
+        raise UserError(
+            f"could not read {where} as {builder} ({type(cause).__name__}: {first_line}); "
+            "check the files and data.format"
+        ) from None
     finally:
         datasets.logging.set_verbosity(verbosity)
 
@@ -98,12 +100,15 @@ def _files_dataset(files: list[str], data, where: str):
 def _text_column(ds, field: str, where: str):
     """`ds` reduced to its text field, renamed 'text'."""
     if field not in ds.column_names:
-        raise UserError(f"{where} has no field '{field}'; its fields are {', '.join(ds.column_names)}; "
-                        "set data.text_field")
+        raise UserError(
+            f"{where} has no field '{field}'; its fields are {', '.join(ds.column_names)}; set data.text_field"
+        )
     dtype = getattr(ds.features[field], "dtype", None)
     if dtype not in ("string", "large_string"):
-        raise UserError(f"field '{field}' of {where} holds {ds.features[field]}, not text; "
-                        f"set data.text_field to a text field (fields: {', '.join(ds.column_names)})")
+        raise UserError(
+            f"field '{field}' of {where} holds {ds.features[field]}, not text; "
+            f"set data.text_field to a text field (fields: {', '.join(ds.column_names)})"
+        )
     ds = ds.select_columns([field])
     if field != "text":
         ds = ds.rename_column(field, "text")
@@ -122,9 +127,9 @@ def text_fingerprint(ds) -> str:
             # array shares the whole buffers and starts at its `offset`.
             _, offsets_buffer, values = chunk.buffers()
             width = 8 if pa.types.is_large_string(chunk.type) else 4
-            offsets = np.frombuffer(offsets_buffer, f"<i{width}")[chunk.offset:chunk.offset + len(chunk) + 1]
+            offsets = np.frombuffer(offsets_buffer, f"<i{width}")[chunk.offset : chunk.offset + len(chunk) + 1]
             h.update(np.array([len(chunk)], "<i8").tobytes() + np.diff(offsets).astype("<i8").tobytes())
-            h.update(b"" if values is None else values[int(offsets[0]):int(offsets[-1])])
+            h.update(b"" if values is None else values[int(offsets[0]) : int(offsets[-1])])
     return h.hexdigest()[:32]
 
 
@@ -152,11 +157,18 @@ def load_corpus(data) -> Corpus:
     if source == "stdlib":
         root = sysconfig.get_paths()["stdlib"]
         train, held = split_stdlib_files(stdlib_files(), root, data.heldout_fraction, data.split_seed)
-        dd = _load("text", {"train": train, "validation": held}, f"the standard library at {root}",
-                   sample_by="document", encoding_errors="replace")
+        dd = _load(
+            "text",
+            {"train": train, "validation": held},
+            f"the standard library at {root}",
+            sample_by="document",
+            encoding_errors="replace",
+        )
         train_ds, held_ds = dd["train"], dd["validation"]
-        desc = (f"Python {sysconfig.get_python_version()} standard library: {len(train)} train files, "
-                f"{len(held)} held-out files")
+        desc = (
+            f"Python {sysconfig.get_python_version()} standard library: {len(train)} train files, "
+            f"{len(held)} held-out files"
+        )
     elif source == "files":
         files = _resolve_files(data.paths, "data.paths")
         where = f"data.paths={data.paths!r}"
@@ -172,32 +184,38 @@ def load_corpus(data) -> Corpus:
         if source == "saved":
             path = Path(data.paths)
             if not path.exists():
-                raise UserError(f"data.paths '{path}' does not exist; "
-                                "point it at a directory written by Dataset.save_to_disk")
+                raise UserError(
+                    f"data.paths '{path}' does not exist; point it at a directory written by Dataset.save_to_disk"
+                )
             try:
                 ds = datasets.load_from_disk(str(path))
             except FileNotFoundError:
-                raise UserError(f"data.paths '{path}' is not a dataset saved with save_to_disk (no dataset_info.json "
-                                "/ dataset_dict.json); point it at the directory that Dataset.save_to_disk wrote"
-                                ) from None
+                raise UserError(
+                    f"data.paths '{path}' is not a dataset saved with save_to_disk (no dataset_info.json "
+                    "/ dataset_dict.json); point it at the directory that Dataset.save_to_disk wrote"
+                ) from None
             where = f"the saved dataset at {path}"
         else:
             if not data.hub_name:
-                raise UserError("data.source='hub' needs data.hub_name "
-                                "(and data.hub_config if the dataset has configs)")
+                raise UserError(
+                    "data.source='hub' needs data.hub_name (and data.hub_config if the dataset has configs)"
+                )
             datasets.disable_progress_bars()
             try:
                 ds = datasets.load_dataset(data.hub_name, data.hub_config or None)
             except (ConnectionError, FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
                 first_line = str(e).splitlines()[0][:200] if str(e) else ""
-                raise UserError(f"could not load hub dataset data.hub_name={data.hub_name!r} "
-                                f"data.hub_config={data.hub_config!r} ({type(e).__name__}: {first_line}); "
-                                "check the names, and that it is cached here when HF_DATASETS_OFFLINE=1") from None
+                raise UserError(
+                    f"could not load hub dataset data.hub_name={data.hub_name!r} "
+                    f"data.hub_config={data.hub_config!r} ({type(e).__name__}: {first_line}); "
+                    "check the names, and that it is cached here when HF_DATASETS_OFFLINE=1"
+                ) from None
             where = f"hub dataset {data.hub_name}"
         if isinstance(ds, datasets.DatasetDict):
             if data.train_split not in ds:
-                raise UserError(f"{where} has no split '{data.train_split}'; its splits are {', '.join(ds)}; "
-                                "set data.train_split")
+                raise UserError(
+                    f"{where} has no split '{data.train_split}'; its splits are {', '.join(ds)}; set data.train_split"
+                )
             train_ds = _text_column(ds[data.train_split], data.text_field, where)
             if data.heldout_split in ds:
                 held_ds = _text_column(ds[data.heldout_split], data.text_field, where)

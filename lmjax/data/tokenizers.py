@@ -7,8 +7,8 @@ and sample load back; nothing is pickled.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from lmjax.data.tokenizer_base import EOT, META, Tokenizer
 from lmjax.errors import UserError
 
 __all__ = ["EOT", "META", "ByteTokenizer", "HFTokenizer", "Tokenizer", "build_tokenizer", "load_tokenizer"]
+
 
 class ByteTokenizer(Tokenizer):
     """UTF-8 bytes 0..255, then <|endoftext|> = 256. Round-trips any text."""
@@ -92,16 +93,23 @@ class HFTokenizer(Tokenizer):
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
     """Byte-level BPE trained on `texts`; any text round-trips."""
-    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 257 + 1:
-        raise UserError(f"tokenizer.vocab_size={vocab_size} is too small for byte-level BPE; use at least 258 (256 bytes + end-of-text + merges)")
+        raise UserError(
+            f"tokenizer.vocab_size={vocab_size} is too small for byte-level BPE; use at least 258 (256 bytes + "
+            "end-of-text + merges)"
+        )
     tok = HFTok(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return HFTokenizer(tok, "bpe")
 
@@ -112,7 +120,10 @@ def load_hf(path: str | Path) -> HFTokenizer:
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
-        raise UserError(f"tokenizer.path '{path}' has no tokenizer.json; save one with tokenizer.save_pretrained(DIR) or tokenizers' Tokenizer.save(FILE)")
+        raise UserError(
+            f"tokenizer.path '{path}' has no tokenizer.json; save one with tokenizer.save_pretrained(DIR) or "
+            "tokenizers' Tokenizer.save(FILE)"
+        )
     return HFTokenizer(HFTok.from_file(str(file)), "hf")
 
 
@@ -125,7 +136,9 @@ def build_tokenizer(cfg, train_texts: Iterable[str]) -> Tokenizer:
         return train_bpe(train_texts, cfg.vocab_size or 4096)
     if kind == "hf":
         if not cfg.path:
-            raise UserError("tokenizer.kind='hf' needs tokenizer.path: a tokenizer.json file or a directory holding one")
+            raise UserError(
+                "tokenizer.kind='hf' needs tokenizer.path: a tokenizer.json file or a directory holding one"
+            )
         return load_hf(cfg.path)
     return vocab_tokenizers.build(cfg, train_texts)
 

@@ -59,7 +59,7 @@ class TransformerConfig:
         return self.d_model // self.n_heads
 
     @classmethod
-    def from_config(cls, m, vocab_size: int, seq_len: int) -> "TransformerConfig":
+    def from_config(cls, m, vocab_size: int, seq_len: int) -> TransformerConfig:
         """The `model` config section, with the tokenizer's vocabulary and the data's sequence
         length where it leaves them 0."""
         keys = {f.name: m[f.name] for f in dataclasses.fields(cls)}
@@ -80,8 +80,12 @@ def _init(std: float, names: tuple):
 def _matrix_init(std: float, names: tuple, in_axes: int):
     """normal(std) for a kernel with several in or out axes, drawn as the 2-D matrix
     (prod(shape[:in_axes]), prod(shape[in_axes:])) as nn.DenseGeneral draws it: the same numbers for a seed."""
+
     def init(key, shape, dtype):
-        return nn.initializers.normal(std)(key, (math.prod(shape[:in_axes]), math.prod(shape[in_axes:])), dtype).reshape(shape)
+        return nn.initializers.normal(std)(
+            key, (math.prod(shape[:in_axes]), math.prod(shape[in_axes:])), dtype
+        ).reshape(shape)
+
     return nn.with_logical_partitioning(init, names)
 
 
@@ -116,7 +120,7 @@ def rotary(x_BxTxNxH: Array, positions_BxT: Array, base: float) -> Array:
     cos = jnp.cos(jnp.concatenate([angles_BxTxH2] * 2, -1))[:, :, None, :]
     sin = jnp.sin(jnp.concatenate([angles_BxTxH2] * 2, -1))[:, :, None, :]
     x = x_BxTxNxH.astype(jnp.float32)
-    x1, x2 = x[..., : h // 2], x[..., h // 2:]
+    x1, x2 = x[..., : h // 2], x[..., h // 2 :]
     rotated = jnp.concatenate([-x2, x1], -1)
     return (x * cos + rotated * sin).astype(x_BxTxNxH.dtype)
 
@@ -191,10 +195,18 @@ class Attention(nn.Module):
             mask = (jnp.arange(c.max_len)[None, :] <= q_pos_T[:, None])[None, None]  # 1x1xTxS
             out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask)
         else:
-            choice = attention.choose(c.attention, attention.current_device(), c.dtype, c.head_dim,
-                                      x_BxTxD.shape[1], segment_ids_BxT is not None, c.cpu_kernels)
-            out_BxTxNxH = attention.causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT,
-                                                     choice.implementation)
+            choice = attention.choose(
+                c.attention,
+                attention.current_device(),
+                c.dtype,
+                c.head_dim,
+                x_BxTxD.shape[1],
+                segment_ids_BxT is not None,
+                c.cpu_kernels,
+            )
+            out_BxTxNxH = attention.causal_attention(
+                q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, choice.implementation
+            )
 
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layers).
         out_std = std / math.sqrt(2 * c.n_layers)
@@ -212,8 +224,9 @@ class OutProjection(nn.Module):
     def __call__(self, x_BxTxNxH: Array) -> Array:
         c = self.cfg
         b, t, n, h = x_BxTxNxH.shape
-        kernel = self.param("kernel", _matrix_init(self.std, ("heads", "head_dim", "embed"), 2),
-                            (n, h, c.d_model), jnp.float32)
+        kernel = self.param(
+            "kernel", _matrix_init(self.std, ("heads", "head_dim", "embed"), 2), (n, h, c.d_model), jnp.float32
+        )
         dtype = jnp.dtype(c.dtype)
         y_BTxD = x_BxTxNxH.reshape(b * t, n * h).astype(dtype) @ kernel.reshape(n * h, c.d_model).astype(dtype)
         if c.bias:
@@ -230,9 +243,18 @@ class MLP(nn.Module):
     def __call__(self, x_BxTxD: Array) -> Array:
         c = self.cfg
         dtype = jnp.dtype(c.dtype)
-        dense = lambda feats, std, names, name: nn.Dense(  # noqa: E731
-            feats, use_bias=c.bias, dtype=dtype, param_dtype=jnp.float32, name=name,
-            kernel_init=_init(std, names), bias_init=_zeros(names[1:]))
+
+        def dense(feats, std, names, name):
+            return nn.Dense(
+                feats,
+                use_bias=c.bias,
+                dtype=dtype,
+                param_dtype=jnp.float32,
+                name=name,
+                kernel_init=_init(std, names),
+                bias_init=_zeros(names[1:]),
+            )
+
         out_std = 0.02 / math.sqrt(2 * c.n_layers)
         x_BTxD = as_rows(x_BxTxD)
         if c.mlp == "gelu":
@@ -283,9 +305,14 @@ class Transformer(nn.Module):
     cfg: TransformerConfig
 
     @nn.compact
-    def __call__(self, tokens_BxT: Array, positions_BxT: Array | None = None,
-                 segment_ids_BxT: Array | None = None, deterministic: bool = True,
-                 decode: bool = False) -> Array:
+    def __call__(
+        self,
+        tokens_BxT: Array,
+        positions_BxT: Array | None = None,
+        segment_ids_BxT: Array | None = None,
+        deterministic: bool = True,
+        decode: bool = False,
+    ) -> Array:
         c = self.cfg
         b, t = tokens_BxT.shape
         if positions_BxT is None:
@@ -302,9 +329,13 @@ class Transformer(nn.Module):
             block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
         if c.scan_layers:
             stack = nn.scan(
-                block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast), length=c.n_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"})
+                block,
+                variable_axes={"params": 0, "cache": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=c.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
             x_BxTxD, _ = stack(c, deterministic, decode, name="layers")(x_BxTxD, positions_BxT, segment_ids_BxT)
         else:
             for i in range(c.n_layers):

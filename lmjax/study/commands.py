@@ -16,17 +16,28 @@ from lmjax.study import sweep as sweep_lib
 
 def add_parsers(sub) -> None:
     """The `sweep` and `study` subcommands, added to the CLI's subparsers."""
-    s = sub.add_parser("sweep", help="train one run per point of a grid of config values (resumable)",
-                       description="Extra --config.KEY=VALUE arguments set the base config of every point.")
+    s = sub.add_parser(
+        "sweep",
+        help="train one run per point of a grid of config values (resumable)",
+        description="Extra --config.KEY=VALUE arguments set the base config of every point.",
+    )
     s.add_argument("experiment", help="experiments/NAME.py")
-    s.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
-                   help="a config key and its values (repeat for more keys: every combination is a point)")
+    s.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="a config key and its values (repeat for more keys: every combination is a point)",
+    )
     s.add_argument("--random", type=int, default=0, metavar="N", help="train N points drawn from the grid")
     s.add_argument("--seed", type=int, default=0, help="which points --random draws")
     _common(s)
 
-    t = sub.add_parser("study", help="a compute-optimal scaling study: IsoFLOP runs per budget, fitted laws",
-                       description="Extra --config.KEY=VALUE arguments set the base config of every run.")
+    t = sub.add_parser(
+        "study",
+        help="a compute-optimal scaling study: IsoFLOP runs per budget, fitted laws",
+        description="Extra --config.KEY=VALUE arguments set the base config of every run.",
+    )
     t.add_argument("experiment", help="experiments/NAME.py (a Transformer)")
     t.add_argument("--budgets", required=True, help="training FLOP budgets, e.g. 1e12,3e12,1e13")
     t.add_argument("--per-budget", type=int, default=4, help="model sizes per budget (at least 3)")
@@ -69,8 +80,10 @@ def _train(args, overrides, base, points, kind: str, columns: list[str], extra: 
                 return None
             path = sweep_lib.slurm_script(out, args.experiment, overrides, todo)
             tasks = f"{len(todo)} array task{'s' * (len(todo) != 1)}"
-            print(f"wrote {path} ({tasks}); submit with `sbatch {path}`, then run this command again (without --slurm) "
-                  "to see the results")
+            print(
+                f"wrote {path} ({tasks}); submit with `sbatch {path}`, then run this command again (without --slurm) "
+                "to see the results"
+            )
             return None
         try:
             outcomes = sweep_lib.run_points(out, args.experiment, overrides, points, cfgs, args.parallel)
@@ -118,24 +131,45 @@ def cmd_study(args, overrides) -> int:
         if last is None or last[0] != steps:
             missing.append(p.name)
             continue
-        runs.append({"name": p.name, **facts, "loss": last[1], "steps": steps, "d_model": p.values["model.d_model"],
-                     "n_layers": p.values["model.n_layers"], "time": _run_time(out / p.name)})
+        runs.append(
+            {
+                "name": p.name,
+                **facts,
+                "loss": last[1],
+                "steps": steps,
+                "d_model": p.values["model.d_model"],
+                "n_layers": p.values["model.n_layers"],
+                "time": _run_time(out / p.name),
+            }
+        )
     if len(runs) < 3:
-        raise UserError(f"only {len(runs)} runs of {out} finished ({', '.join(missing)} did not); "
-                        "run the command again")
+        raise UserError(
+            f"only {len(runs)} runs of {out} finished ({', '.join(missing)} did not); run the command again"
+        )
     fits = fit.fit_with_intervals(runs, samples=args.bootstrap)
     plots = write_plots(out, runs, fits)
     spec = read_spec(out)
-    record = {"experiment": args.experiment, "budgets": extra["budgets"], "per_budget": args.per_budget,
-              "size_rule": scaling.__doc__, "base_config": spec["base_config"], "runs": runs, "fits": fits,
-              "unfinished": missing, "command_wall_s": time.time() - t0,
-              "train_wall_s": sum(r["time"] or 0 for r in runs), "plots": [str(p) for p in plots]}
+    record = {
+        "experiment": args.experiment,
+        "budgets": extra["budgets"],
+        "per_budget": args.per_budget,
+        "size_rule": scaling.__doc__,
+        "base_config": spec["base_config"],
+        "runs": runs,
+        "fits": fits,
+        "unfinished": missing,
+        "command_wall_s": time.time() - t0,
+        "train_wall_s": sum(r["time"] or 0 for r in runs),
+        "plots": [str(p) for p in plots],
+    }
     tmp = out / ".study.json.tmp"
     tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, out / "study.json")
     print(format_study(runs, fits))
-    print(f"wrote {out / 'study.json'} and {', '.join(str(p) for p in plots)}; "
-          f"training wall time {record['train_wall_s']:.0f}s (this command {record['command_wall_s']:.0f}s)")
+    print(
+        f"wrote {out / 'study.json'} and {', '.join(str(p) for p in plots)}; "
+        f"training wall time {record['train_wall_s']:.0f}s (this command {record['command_wall_s']:.0f}s)"
+    )
     return 1 if failed or missing else 0
 
 

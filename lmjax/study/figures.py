@@ -50,16 +50,22 @@ def plot_isoflop(runs: list[dict], fits: dict, path: Path) -> Path:
 def plot_frontier(fits: dict, path: Path) -> Path:
     fig = _figure(10, 4.5)
     found = [m for m in fits["isoflop"] if m["N_opt"]]
-    for j, (field, law_key, label) in enumerate((("N_opt", "N_opt_law", "N_opt (parameters)"),
-                                                  ("D_opt", "D_opt_law", "D_opt (tokens)"))):
+    for j, (field, law_key, label) in enumerate(
+        (("N_opt", "N_opt_law", "N_opt (parameters)"), ("D_opt", "D_opt_law", "D_opt (tokens)"))
+    ):
         ax = fig.add_subplot(1, 2, j + 1)
         c = [m["budget"] for m in found]
         ax.plot(c, [m[field] for m in found], "o", color="C0", label="IsoFLOP minima")
         law = fits.get(law_key)
         if law:
             xs = np.geomspace(min(c), max(c), 50)
-            ax.plot(xs, law["coefficient"] * xs ** law["exponent"], "-", color="C1",
-                    label=f"∝ C^{law['exponent']:.2f} {_ci(law.get('exponent_ci95'))}")
+            ax.plot(
+                xs,
+                law["coefficient"] * xs ** law["exponent"],
+                "-",
+                color="C1",
+                label=f"∝ C^{law['exponent']:.2f} {_ci(law.get('exponent_ci95'))}",
+            )
         p = fits.get("parametric")
         if p:
             ax.plot([], [], " ", label=f"parametric: exponent {p['a' if j == 0 else 'b']:.2f}")
@@ -94,8 +100,9 @@ def plot_predicted(runs: list[dict], fits: dict, path: Path) -> Path:
     ax.plot([lo, hi], [lo, hi], "k--", lw=1)
     ax.set_xlabel("measured held-out loss")
     ax.set_ylabel("L(N, D) fitted")
-    ax.set_title(f"E={law['E']:.3g} + {law['A']:.3g}/N^{law['alpha']:.2f} + {law['B']:.3g}/D^{law['beta']:.2f}",
-                 fontsize=9)
+    ax.set_title(
+        f"E={law['E']:.3g} + {law['A']:.3g}/N^{law['alpha']:.2f} + {law['B']:.3g}/D^{law['beta']:.2f}", fontsize=9
+    )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -114,11 +121,14 @@ def write_plots(out: Path, runs: list[dict], fits: dict) -> list[Path]:
 
 def format_study(runs: list[dict], fits: dict) -> str:
     """Every run, each budget's optimum, and the fitted laws with their 95% intervals."""
-    lines = [f"{'budget C':>10} {'d_model':>7} {'layers':>6} {'N':>10} {'D tokens':>10} {'steps':>6} {'loss':>8} "
-             f"{'time':>6}"]
+    lines = [
+        f"{'budget C':>10} {'d_model':>7} {'layers':>6} {'N':>10} {'D tokens':>10} {'steps':>6} {'loss':>8} {'time':>6}"
+    ]
     for r in sorted(runs, key=lambda r: (r["budget"], r["N"])):
-        lines.append(f"{r['budget']:>10.3g} {r['d_model']:>7} {r['n_layers']:>6} {r['N']:>10,.0f} {r['D']:>10,.0f} "
-                     f"{r['steps']:>6} {r['loss']:>8.4f} {r.get('time') or 0:>5.0f}s")
+        lines.append(
+            f"{r['budget']:>10.3g} {r['d_model']:>7} {r['n_layers']:>6} {r['N']:>10,.0f} {r['D']:>10,.0f} "
+            f"{r['steps']:>6} {r['loss']:>8.4f} {r.get('time') or 0:>5.0f}s"
+        )
     lines.append("")
     lines.append(f"{'budget C':>10} {'N_opt':>10} {'95% CI':>22} {'D_opt':>10} {'loss there':>10}")
     for m in fits["isoflop"]:
@@ -126,19 +136,31 @@ def format_study(runs: list[dict], fits: dict) -> str:
             lines.append(f"{m['budget']:>10.3g}   no minimum: the losses do not curve upwards at both ends")
             continue
         note = "" if m["inside"] else "  (outside the sizes tried: an extrapolation)"
-        lines.append(f"{m['budget']:>10.3g} {m['N_opt']:>10,.0f} {_ci(m.get('N_opt_ci95')):>22} {m['D_opt']:>10,.0f} "
-                     f"{m['loss_opt']:>10.4f}{note}")
+        lines.append(
+            f"{m['budget']:>10.3g} {m['N_opt']:>10,.0f} {_ci(m.get('N_opt_ci95')):>22} {m['D_opt']:>10,.0f} "
+            f"{m['loss_opt']:>10.4f}{note}"
+        )
     lines.append("")
     for key, what in (("N_opt_law", "N_opt ∝ C^a"), ("D_opt_law", "D_opt ∝ C^b")):
         law = fits.get(key)
-        lines.append(f"{what}: " + (f"{law['exponent']:.3f}  95% CI {_ci(law.get('exponent_ci95'))}" if law
-                                     else "needs minima at 2 budgets or more"))
+        lines.append(
+            f"{what}: "
+            + (
+                f"{law['exponent']:.3f}  95% CI {_ci(law.get('exponent_ci95'))}"
+                if law
+                else "needs minima at 2 budgets or more"
+            )
+        )
     p = fits.get("parametric")
     if p:
-        lines.append("L(N, D) = E + A/N^alpha + B/D^beta (Huber on log loss): " + ", ".join(
-            f"{k} {p[k]:.3g} {_ci(p.get(k + '_ci95'))}" for k in ("E", "A", "B", "alpha", "beta")))
-        lines.append(f"  → a = beta/(alpha+beta) {p['a']:.3f} {_ci(p.get('a_ci95'))}, "
-                     f"b = alpha/(alpha+beta) {p['b']:.3f} {_ci(p.get('b_ci95'))}")
+        lines.append(
+            "L(N, D) = E + A/N^alpha + B/D^beta (Huber on log loss): "
+            + ", ".join(f"{k} {p[k]:.3g} {_ci(p.get(k + '_ci95'))}" for k in ("E", "A", "B", "alpha", "beta"))
+        )
+        lines.append(
+            f"  → a = beta/(alpha+beta) {p['a']:.3f} {_ci(p.get('a_ci95'))}, "
+            f"b = alpha/(alpha+beta) {p['b']:.3f} {_ci(p.get('b_ci95'))}"
+        )
     else:
         lines.append("parametric L(N, D): needs at least 5 runs")
     lines.append(f"(intervals: 95% bootstrap over runs, {fits.get('bootstrap_samples', 0)} resamples)")

@@ -19,8 +19,11 @@ from scipy import optimize
 from threadpoolctl import threadpool_limits
 
 HUBER_DELTA = 1e-3
-STARTS = list(itertools.product((0.0, 5.0, 10.0, 20.0), (0.0, 5.0, 10.0, 20.0), (-1.0, 0.0, 1.0),
-                                (0.2, 0.5, 1.0), (0.2, 0.5, 1.0)))  # (log A, log B, log E, alpha, beta)
+STARTS = list(
+    itertools.product(
+        (0.0, 5.0, 10.0, 20.0), (0.0, 5.0, 10.0, 20.0), (-1.0, 0.0, 1.0), (0.2, 0.5, 1.0), (0.2, 0.5, 1.0)
+    )
+)  # (log A, log B, log E, alpha, beta)
 
 
 def isoflop_vertex(n, loss) -> dict | None:
@@ -32,8 +35,12 @@ def isoflop_vertex(n, loss) -> dict | None:
     if c2 <= 0:
         return None
     vertex = -c1 / (2 * c2)
-    return {"log_n_opt": float(vertex), "loss_opt": float(c0 - c1 * c1 / (4 * c2)), "coeffs": [c2, c1, c0],
-            "inside": bool(x.min() <= vertex <= x.max())}
+    return {
+        "log_n_opt": float(vertex),
+        "loss_opt": float(c0 - c1 * c1 / (4 * c2)),
+        "coeffs": [c2, c1, c0],
+        "inside": bool(x.min() <= vertex <= x.max()),
+    }
 
 
 def isoflop_minima(runs: list[dict]) -> list[dict]:
@@ -45,9 +52,16 @@ def isoflop_minima(runs: list[dict]) -> list[dict]:
             out.append({"budget": budget, "N_opt": None, "D_opt": None, "loss_opt": None, "inside": False})
             continue
         slope, intercept = np.polyfit(np.log([r["N"] for r in group]), np.log([r["D"] for r in group]), 1)
-        out.append({"budget": budget, "N_opt": math.exp(v["log_n_opt"]),
-                    "D_opt": math.exp(intercept + slope * v["log_n_opt"]), "loss_opt": v["loss_opt"],
-                    "inside": v["inside"], "coeffs": v["coeffs"]})
+        out.append(
+            {
+                "budget": budget,
+                "N_opt": math.exp(v["log_n_opt"]),
+                "D_opt": math.exp(intercept + slope * v["log_n_opt"]),
+                "loss_opt": v["loss_opt"],
+                "inside": v["inside"],
+                "coeffs": v["coeffs"],
+            }
+        )
     return out
 
 
@@ -90,9 +104,17 @@ def parametric_fit(n, d, loss, starts=STARTS, delta: float = HUBER_DELTA, refine
         if best is None or res.fun < best.fun:
             best = res
     a, b, e, alpha, beta = best.x
-    return {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": float(alpha), "beta": float(beta),
-            "a": float(beta / (alpha + beta)), "b": float(alpha / (alpha + beta)), "objective": float(best.fun),
-            "theta": [float(t) for t in best.x]}
+    return {
+        "E": math.exp(e),
+        "A": math.exp(a),
+        "B": math.exp(b),
+        "alpha": float(alpha),
+        "beta": float(beta),
+        "a": float(beta / (alpha + beta)),
+        "b": float(alpha / (alpha + beta)),
+        "objective": float(best.fun),
+        "theta": [float(t) for t in best.x],
+    }
 
 
 def predict(law: dict, n, d):
@@ -111,9 +133,11 @@ def fit_all(runs: list[dict]) -> dict:
     """Every fit of one set of runs (dicts with budget, N, D, C, loss), without intervals."""
     minima = isoflop_minima(runs)
     found = [m for m in minima if m["N_opt"]]
-    out = {"isoflop": minima,
-           "N_opt_law": power_law([m["budget"] for m in found], [m["N_opt"] for m in found]),
-           "D_opt_law": power_law([m["budget"] for m in found], [m["D_opt"] for m in found])}
+    out = {
+        "isoflop": minima,
+        "N_opt_law": power_law([m["budget"] for m in found], [m["N_opt"] for m in found]),
+        "D_opt_law": power_law([m["budget"] for m in found], [m["D_opt"] for m in found]),
+    }
     if len(runs) >= 5:  # five parameters
         out["parametric"] = parametric_fit([r["N"] for r in runs], [r["D"] for r in runs], [r["loss"] for r in runs])
     return out
@@ -152,8 +176,9 @@ def _fit_with_intervals(runs: list[dict], samples: int, seed: int) -> dict:
         for m in minima:
             draws.setdefault(f"N_opt@{m['budget']}", []).append(m["N_opt"])
         if start:
-            law = parametric_fit([r["N"] for r in sample], [r["D"] for r in sample], [r["loss"] for r in sample],
-                                 starts=start)
+            law = parametric_fit(
+                [r["N"] for r in sample], [r["D"] for r in sample], [r["loss"] for r in sample], starts=start
+            )
             for k in ("E", "A", "B", "alpha", "beta", "a", "b"):
                 draws.setdefault(f"parametric.{k}", []).append(law[k])
     for key in ("N_opt_law", "D_opt_law"):

@@ -24,15 +24,19 @@ def is_sweep(directory: str | Path) -> bool:
 def read_spec(out: str | Path) -> dict:
     path = Path(out) / SPEC_FILE
     if not path.is_file():
-        raise UserError(f"{out} is not a sweep directory (no {SPEC_FILE}); pass the --out of `lmjax sweep` or "
-                        "`lmjax study`")
+        raise UserError(
+            f"{out} is not a sweep directory (no {SPEC_FILE}); pass the --out of `lmjax sweep` or `lmjax study`"
+        )
     return json.loads(path.read_text())
 
 
 def final_heldout(run_dir: Path) -> tuple[int, float] | None:
     """(step, held-out loss) of the last held-out evaluation in a run's metrics.jsonl, or None."""
-    found = [(r["step"], r["heldout_loss"]) for r in read_jsonl(run_dir / "metrics.jsonl")
-             if isinstance(r.get("heldout_loss"), (int, float)) and "step" in r]
+    found = [
+        (r["step"], r["heldout_loss"])
+        for r in read_jsonl(run_dir / "metrics.jsonl")
+        if isinstance(r.get("heldout_loss"), (int, float)) and "step" in r
+    ]
     return max(found) if found else None
 
 
@@ -44,13 +48,23 @@ def point_rows(out: str | Path) -> list[dict]:
     for name, point in spec["points"].items():
         run_dir = out / name
         records = read_jsonl(run_dir / "metrics.jsonl")
-        planned = next((int(o.split("=", 1)[1]) for o in point["overrides"] if o.startswith("train.steps=")),
-                       spec["base_config"]["train"]["steps"])
+        planned = next(
+            (int(o.split("=", 1)[1]) for o in point["overrides"] if o.startswith("train.steps=")),
+            spec["base_config"]["train"]["steps"],
+        )
         last = final_heldout(run_dir)
         done = max((r.get("step", 0) for r in records), default=0)
         loss = last[1] if last and last[0] == planned and math.isfinite(last[1]) else None
-        rows.append({"run": name, "values": point["values"], "steps": done, "planned": planned, "heldout_loss": loss,
-                     "time": max((r["time"] for r in records if "time" in r), default=None)})
+        rows.append(
+            {
+                "run": name,
+                "values": point["values"],
+                "steps": done,
+                "planned": planned,
+                "heldout_loss": loss,
+                "time": max((r["time"] for r in records if "time" in r), default=None),
+            }
+        )
     return sorted(rows, key=lambda r: (r["heldout_loss"] is None, r["heldout_loss"] or 0.0, r["run"]))
 
 
@@ -70,12 +84,21 @@ def format_points(out: str | Path) -> str:
     rows = []
     for i, r in enumerate(point_rows(out), 1):
         t, loss = r["time"], r["heldout_loss"]
-        rows.append(("-" if loss is None else str(i), *(_cell(r["values"].get(c, "")) for c in columns),
-                     f"{r['steps']:,}/{r['planned']:,}", "-" if loss is None else f"{loss:.4f}",
-                     "-" if t is None else f"{t:.0f}s", r["run"]))
+        rows.append(
+            (
+                "-" if loss is None else str(i),
+                *(_cell(r["values"].get(c, "")) for c in columns),
+                f"{r['steps']:,}/{r['planned']:,}",
+                "-" if loss is None else f"{loss:.4f}",
+                "-" if t is None else f"{t:.0f}s",
+                r["run"],
+            )
+        )
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == len(header) - 1 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in [header, *rows]]
+    lines = [
+        "  ".join(c.ljust(w) if i == len(header) - 1 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in [header, *rows]
+    ]
     title = f"{spec['kind']} {out} of {spec['experiment']}: {len(rows)} points, ranked by held-out loss at the end"
     return "\n".join([title, *lines])
 
@@ -90,8 +113,10 @@ def resolve_column(spec: dict, key: str) -> str:
         return matches[0]
     close = difflib.get_close_matches(key, columns, n=1, cutoff=0.4)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    raise UserError(f"--x {key} is not a swept key of this sweep (swept: {', '.join(columns)}; or step, tokens, time "
-                    f"for training curves){hint}")
+    raise UserError(
+        f"--x {key} is not a swept key of this sweep (swept: {', '.join(columns)}; or step, tokens, time "
+        f"for training curves){hint}"
+    )
 
 
 def plot_points(out: str | Path, key: str, path: str | Path, log_x: bool = False) -> Path:

@@ -57,8 +57,10 @@ def planning_vocab(cfg) -> int:
         return cfg.tokenizer.vocab_size + (1 if cfg.tokenizer.kind != "bpe" else 0)
     if cfg.tokenizer.kind == "bpe":
         return 4096
-    raise UserError(f"a study plans FLOPs before reading data: set model.vocab_size (or tokenizer.vocab_size) for the "
-                    f"'{cfg.tokenizer.kind}' tokenizer")
+    raise UserError(
+        f"a study plans FLOPs before reading data: set model.vocab_size (or tokenizer.vocab_size) for the "
+        f"'{cfg.tokenizer.kind}' tokenizer"
+    )
 
 
 def counts(cfg, sz: Size) -> tuple[float, float]:
@@ -104,19 +106,26 @@ def plan(cfg, budgets: list[float], per_budget: int) -> list[tuple[Point, dict]]
                 f"budget {budget:.3g} FLOPs is too small: the smallest model (d_model {small[0].d_model}, 1 layer, "
                 f"{small[2]:,.0f} FLOPs per token) gets {steps} steps of {tokens_per_step:,} tokens, and "
                 f"{per_budget} sizes need at least {MIN_STEPS} steps each; the smallest budget that works is "
-                f"{smallest_ok:.3g}")
+                f"{smallest_ok:.3g}"
+            )
         guess = math.sqrt(budget / 120)
         centre = min(range(len(feasible)), key=lambda i: abs(math.log(feasible[i][1] / guess)))
         first = max(0, min(centre - (per_budget - 1) // 2, len(feasible) - per_budget))  # even K: one more above
-        for sz, n, fpt in feasible[first:first + per_budget]:
+        for sz, n, fpt in feasible[first : first + per_budget]:
             steps = round(budget / (fpt * tokens_per_step))
             warmup = max(1, round(warmup_fraction * steps)) if cfg.optim.warmup_steps else 0
-            overrides = [*sz.overrides(), f"train.steps={steps}", f"optim.warmup_steps={warmup}",
-                         f"train.save_every={-(-steps // 4)}", f"train.eval_every={steps}",
-                         f"train.log_every={max(1, steps // 10)}"]
+            overrides = [
+                *sz.overrides(),
+                f"train.steps={steps}",
+                f"optim.warmup_steps={warmup}",
+                f"train.save_every={-(-steps // 4)}",
+                f"train.eval_every={steps}",
+                f"train.log_every={max(1, steps // 10)}",
+            ]
             name = f"C={_format_budget(budget)}__d_model={sz.d_model}__n_layers={sz.n_layers}"
             d = steps * tokens_per_step
             values = {"budget": budget, "model.d_model": sz.d_model, "model.n_layers": sz.n_layers, "N": n, "D": d}
-            runs.append((Point(name, tuple(overrides), values),
-                         {"budget": budget, "s": sz.s, "N": n, "D": d, "C": fpt * d}))
+            runs.append(
+                (Point(name, tuple(overrides), values), {"budget": budget, "s": sz.s, "N": n, "D": d, "C": fpt * d})
+            )
     return runs

@@ -45,7 +45,7 @@ class SweepLock:
         self.log = log
         self.fd = None
 
-    def __enter__(self) -> "SweepLock":
+    def __enter__(self) -> SweepLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -54,12 +54,15 @@ class SweepLock:
             holder = _read_holder(fd)
             os.close(fd)
             who = f"PID {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
-            raise UserError(f"{self.path.parent} is in use by another sweep ({who}); wait for it to end, or "
-                            "choose another --out") from None
+            raise UserError(
+                f"{self.path.parent} is in use by another sweep ({who}); wait for it to end, or choose another --out"
+            ) from None
         earlier = _read_holder(fd)
         if earlier:
-            self.log(f"{self.path}: taking over the lock of PID {earlier.get('pid')} on {earlier.get('host')}, "
-                     "which ended without releasing it")
+            self.log(
+                f"{self.path}: taking over the lock of PID {earlier.get('pid')} on {earlier.get('host')}, "
+                "which ended without releasing it"
+            )
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
@@ -81,13 +84,20 @@ def _read_holder(fd: int) -> dict:
         return {}
 
 
-def open_spec(out: Path, experiment: str, base, kind: str, points: list[Point], columns: list[str],
-              extra: dict) -> dict:
+def open_spec(
+    out: Path, experiment: str, base, kind: str, points: list[Point], columns: list[str], extra: dict
+) -> dict:
     """Write (or extend) `sweep.json`; refuse a directory made from another experiment's config.
     `columns` are the keys of the points' values that tables and plots show."""
     path = Path(out) / SPEC_FILE
-    spec = {"kind": kind, "experiment": str(experiment), "columns": columns, "base_config": base.to_dict(),
-            "points": {}, **extra}
+    spec = {
+        "kind": kind,
+        "experiment": str(experiment),
+        "columns": columns,
+        "base_config": base.to_dict(),
+        "points": {},
+        **extra,
+    }
     if path.is_file():
         old = json.loads(path.read_text())
         if old.get("kind") != kind:
@@ -95,8 +105,10 @@ def open_spec(out: Path, experiment: str, base, kind: str, points: list[Point], 
         saved = config_lib.from_json(json.dumps(old["base_config"]))
         refused, _ = config_lib.resume_differences(saved, base)
         if refused:
-            raise UserError(f"{out} holds a {kind} of a different experiment ({'; '.join(refused)}); use the same "
-                            "experiment and --config overrides, or choose another --out")
+            raise UserError(
+                f"{out} holds a {kind} of a different experiment ({'; '.join(refused)}); use the same "
+                "experiment and --config overrides, or choose another --out"
+            )
         spec["points"] = old.get("points", {})
     spec["points"].update({p.name: {"overrides": list(p.overrides), "values": p.values} for p in points})
     tmp = path.with_name(f".{SPEC_FILE}.tmp")
@@ -136,8 +148,16 @@ class Outcome:
 
 def train_command(experiment: str, run_dir: Path, overrides) -> list[str]:
     """`lmjax train` of one point, as a subprocess of this Python."""
-    return [sys.executable, "-m", "lmjax.cli", "train", str(experiment), "--workdir", str(run_dir),
-            *(o if o.startswith("--config.") else f"--config.{o}" for o in overrides)]
+    return [
+        sys.executable,
+        "-m",
+        "lmjax.cli",
+        "train",
+        str(experiment),
+        "--workdir",
+        str(run_dir),
+        *(o if o.startswith("--config.") else f"--config.{o}" for o in overrides),
+    ]
 
 
 def _train_here(cfg, run_dir: Path) -> None:
@@ -149,8 +169,9 @@ def _train_here(cfg, run_dir: Path) -> None:
         train(cfg, run_dir, log=lambda line: print(line, flush=True))
 
 
-def run_points(out: Path, experiment: str, base_overrides, points: list[Point], cfgs: dict, parallel: int = 1,
-               log=say) -> list[Outcome]:
+def run_points(
+    out: Path, experiment: str, base_overrides, points: list[Point], cfgs: dict, parallel: int = 1, log=say
+) -> list[Outcome]:
     """Train every unfinished point: in this process one after another, or `parallel` subprocesses
     of `lmjax train` at once, each given one GPU (CUDA_VISIBLE_DEVICES; on CPU they share the cores)."""
     todo, outcomes = [], []
@@ -161,8 +182,10 @@ def run_points(out: Path, experiment: str, base_overrides, points: list[Point], 
         else:
             todo.append((p, step))
     resumed = sum(1 for _, s in todo if s is not None)
-    log(f"sweep {out}: {len(points)} points; {len(outcomes)} finished (skipped), {resumed} to resume, "
-        f"{len(todo) - resumed} new")
+    log(
+        f"sweep {out}: {len(points)} points; {len(outcomes)} finished (skipped), {resumed} to resume, "
+        f"{len(todo) - resumed} new"
+    )
     if parallel > 1:
         return outcomes + _run_subprocesses(out, experiment, base_overrides, todo, parallel, log)
     from lmjax.train.loop import Preempted, TrainingHalted
@@ -176,8 +199,9 @@ def run_points(out: Path, experiment: str, base_overrides, points: list[Point], 
         except Preempted as e:
             raise Stopped(f"sweep stopped in {p.name}: {e}", 128 + e.signum) from None
         except KeyboardInterrupt:  # before its train loop started: nothing of this point to save
-            raise Stopped(f"sweep stopped before {p.name} started training; run the same command to resume",
-                          130) from None
+            raise Stopped(
+                f"sweep stopped before {p.name} started training; run the same command to resume", 130
+            ) from None
         except (TrainingHalted, UserError) as e:
             outcomes.append(Outcome(p, "failed", time.time() - t0, str(e)))
             log(f"[{i}/{len(todo)}] {p.name}: failed: {e}")
@@ -210,8 +234,13 @@ def _run_subprocesses(out: Path, experiment: str, base_overrides, todo, parallel
                 run_dir.mkdir(parents=True, exist_ok=True)
                 env = {**os.environ, "CUDA_VISIBLE_DEVICES": device}
                 with open(run_dir / LOG_FILE, "a") as f:
-                    proc = subprocess.Popen(train_command(experiment, run_dir, [*base_overrides, *p.overrides]),
-                                            stdout=f, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+                    proc = subprocess.Popen(
+                        train_command(experiment, run_dir, [*base_overrides, *p.overrides]),
+                        stdout=f,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        preexec_fn=_die_with_parent,
+                    )
                 running[proc] = (p, device, time.time())
                 log(f"{p.name}: training on device {device}" + (f", resuming from step {step}" if step else ""))
             time.sleep(0.2)
@@ -219,13 +248,17 @@ def _run_subprocesses(out: Path, experiment: str, base_overrides, todo, parallel
                 p, device, t0 = running.pop(proc)
                 free.append(device)
                 ok = proc.returncode == 0
-                outcomes.append(Outcome(p, "done" if ok else "failed", time.time() - t0,
-                                        "" if ok else f"exit status {proc.returncode}"))
+                outcomes.append(
+                    Outcome(
+                        p, "done" if ok else "failed", time.time() - t0, "" if ok else f"exit status {proc.returncode}"
+                    )
+                )
                 what = "done" if ok else f"failed (exit status {proc.returncode})"
                 log(f"{p.name}: {what} in {time.time() - t0:.0f}s" + ("" if ok else f"; see {out / p.name / LOG_FILE}"))
     except KeyboardInterrupt:
-        raise Stopped(f"sweep stopped; {len(running)} runs saved on SIGTERM; run the same command to resume",
-                      130) from None
+        raise Stopped(
+            f"sweep stopped; {len(running)} runs saved on SIGTERM; run the same command to resume", 130
+        ) from None
     finally:  # Ctrl-C or an error here: each child saves on SIGTERM and the next sweep resumes it
         for proc in running:
             proc.send_signal(signal.SIGTERM)
@@ -240,8 +273,9 @@ def _quoted(overrides) -> str:
 
 def slurm_script(out: Path, experiment: str, base_overrides, todo: list[Point]) -> Path:
     """A SLURM array script with one task per unfinished point (`sbatch` it; resubmit to resume)."""
-    cases = "\n".join(f"  {i}) NAME={shlex.quote(p.name)}; ARGS=({_quoted(p.overrides)}) ;;"
-                      for i, p in enumerate(todo))
+    cases = "\n".join(
+        f"  {i}) NAME={shlex.quote(p.name)}; ARGS=({_quoted(p.overrides)}) ;;" for i, p in enumerate(todo)
+    )
     base = " ".join(shlex.quote(o) for o in base_overrides)
     experiment_path = shlex.quote(str(Path(experiment).absolute()))
     text = f"""#!/bin/bash

@@ -9,9 +9,9 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import jax
 
@@ -23,8 +23,17 @@ from lmjax.data.batches import Prefetcher, TrainBatches, heldout_subset, local_r
 from lmjax.errors import UserError
 from lmjax.flops import Utilisation
 from lmjax.metrics import MetricsWriter, Progress, StepTrace, truncate_after
-from lmjax.run import (Run, build_run, check_resume, check_tokenizer, count_params, main_process_first,
-                       probe_writable, tokenizer_record, write_config)
+from lmjax.run import (
+    Run,
+    build_run,
+    check_resume,
+    check_tokenizer,
+    count_params,
+    main_process_first,
+    probe_writable,
+    tokenizer_record,
+    write_config,
+)
 from lmjax.runlock import RunLock
 from lmjax.sample import sample_text
 from lmjax.train.parallel import build_parallel, check_batch
@@ -56,8 +65,9 @@ def evaluate_subset(eval_fn, params, batches: list[dict], parallel) -> float:
 def _preemption_service() -> bool:
     """Whether JAX's preemption service runs: jax.distributed with several processes starts it
     unless the jax_enable_preemption_service option is off."""
-    return (jax.process_count() > 1 and jax.distributed.is_initialized()
-            and bool(jax.config.jax_enable_preemption_service))
+    return (
+        jax.process_count() > 1 and jax.distributed.is_initialized() and bool(jax.config.jax_enable_preemption_service)
+    )
 
 
 class _Signals:
@@ -117,8 +127,9 @@ class StepLog:
     """Reads a step's metrics, halts on a non-finite loss, and logs every `log_every` steps
     with the throughput since the last log (the first, compiling step left out)."""
 
-    def __init__(self, cfg, writer: MetricsWriter, progress: Progress, utilisation: Utilisation, parallel,
-                 last_good: int | None):
+    def __init__(
+        self, cfg, writer: MetricsWriter, progress: Progress, utilisation: Utilisation, parallel, last_good: int | None
+    ):
         self.cfg, self.writer, self.progress, self.utilisation = cfg, writer, progress, utilisation
         self.parallel = parallel
         self.last_good = last_good  # the last step saved
@@ -140,7 +151,8 @@ class StepLog:
             raise TrainingHalted(
                 f"non-finite loss ({self.loss}), gradient norm ({float(m['grad_norm'])}) or parameter norm "
                 f"({float(m['param_norm'])}) at step {done}; stopped without saving it. Last good checkpoint: "
-                f"{kept}. Lower optim.lr, raise optim.warmup_steps, or set train.on_nan='skip'")
+                f"{kept}. Lower optim.lr, raise optim.warmup_steps, or set train.on_nan='skip'"
+            )
         first = not self.compiled
         if first:  # compilation: log the step, keep it out of throughput
             self.compiled = True
@@ -149,15 +161,22 @@ class StepLog:
             self.steps_since_log += 1
         if done % self.cfg.train.log_every and done != self.cfg.train.steps:
             return
-        record = {"loss": self.loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-                  "update_norm": float(m["update_norm"]), "param_norm": float(m["param_norm"]),
-                  "tokens_seen": done * self.tokens_per_step, "skipped": int(m["skipped"])}
+        record = {
+            "loss": self.loss,
+            "lr": float(m["lr"]),
+            "grad_norm": float(m["grad_norm"]),
+            "update_norm": float(m["update_norm"]),
+            "param_norm": float(m["param_norm"]),
+            "tokens_seen": done * self.tokens_per_step,
+            "skipped": int(m["skipped"]),
+        }
         shown = {"loss": self.loss, "heldout": self.heldout}
         if not first:
             elapsed = time.time() - self.t_log
             tps = self.tokens_per_step * self.steps_since_log / max(elapsed, 1e-9)
-            record.update(tokens_per_s=tps, step_time=elapsed / max(self.steps_since_log, 1),
-                          **self.utilisation.fields(tps))
+            record.update(
+                tokens_per_s=tps, step_time=elapsed / max(self.steps_since_log, 1), **self.utilisation.fields(tps)
+            )
             self.tokens_per_s = tps
             shown.update({"tok/s": round(tps), "mfu": self.utilisation.mfu(tps)})
         self.writer.write(done, record)
@@ -202,12 +221,18 @@ def describe_run(cfg, run: Run, data: Data, start: int, n_params: int, say) -> N
     """The run's first lines: directory, model, data, steps and layout."""
     seq_len, batch = cfg.data.seq_len, cfg.train.batch_size
     say(f"run directory: {run.run_dir}")
-    say(f"model: {cfg.model.kind}, {n_params / 1e6:.2f}M parameters, vocabulary {data.tokenizer.vocab_size} "
-        f"({data.tokenizer.kind})")
-    say(f"data: {data.description}; train {len(data.train.tokens):,} tokens, "
-        f"held-out {len(data.heldout.tokens):,} tokens")
-    say(f"steps {start} → {cfg.train.steps}, {batch} x {seq_len} = {batch * seq_len:,} tokens per step; "
-        f"{run.parallel.describe()}")
+    say(
+        f"model: {cfg.model.kind}, {n_params / 1e6:.2f}M parameters, vocabulary {data.tokenizer.vocab_size} "
+        f"({data.tokenizer.kind})"
+    )
+    say(
+        f"data: {data.description}; train {len(data.train.tokens):,} tokens, "
+        f"held-out {len(data.heldout.tokens):,} tokens"
+    )
+    say(
+        f"steps {start} → {cfg.train.steps}, {batch} x {seq_len} = {batch * seq_len:,} tokens per step; "
+        f"{run.parallel.describe()}"
+    )
 
 
 def cpu_dispatch(cfg, say) -> bool:
@@ -215,10 +240,15 @@ def cpu_dispatch(cfg, say) -> bool:
     scratch_kept, backend = scratch_cache.active(), jax.default_backend()
     ahead = dispatch_ahead(cfg.train.dispatch_ahead, backend, scratch_kept)
     if backend == "cpu":
-        kept = ("kept mapped" if scratch_kept
-                else "not kept (LMJAX_SCRATCH_CACHE=0, an LD_PRELOAD, or no glibc or C compiler)")
-        say(f"CPU: {'one step at a time' if not ahead else 'next step queued ahead'} (train.dispatch_ahead="
-            f"{cfg.train.dispatch_ahead}); XLA scratch memory {kept} between steps")
+        kept = (
+            "kept mapped"
+            if scratch_kept
+            else "not kept (LMJAX_SCRATCH_CACHE=0, an LD_PRELOAD, or no glibc or C compiler)"
+        )
+        say(
+            f"CPU: {'one step at a time' if not ahead else 'next step queued ahead'} (train.dispatch_ahead="
+            f"{cfg.train.dispatch_ahead}); XLA scratch memory {kept} between steps"
+        )
     return ahead
 
 
@@ -227,8 +257,10 @@ def open_checkpoints(cfg, run_dir: Path, say) -> tuple[Checkpoints, int | None]:
     ckpts = Checkpoints(run_dir / "checkpoints", keep=cfg.train.keep)
     latest = ckpts.latest_step()
     if latest is not None and not cfg.train.resume:
-        raise UserError(f"train.resume=False but {run_dir} already holds checkpoints (latest step {latest}); "
-                        "choose a new --workdir, or delete its checkpoints/ yourself to start over")
+        raise UserError(
+            f"train.resume=False but {run_dir} already holds checkpoints (latest step {latest}); "
+            "choose a new --workdir, or delete its checkpoints/ yourself to start over"
+        )
     if latest is not None:
         check_resume(cfg, ckpts, latest, say)
     return ckpts, latest
@@ -272,8 +304,10 @@ def _train(cfg, run_dir: Path, log: Callable[[str], None], stop_at: int | None) 
     if latest is not None and latest >= end:  # finished (or --stop-at already passed): no step to run
         ckpts.close()
         why = f"train.steps={cfg.train.steps}" if end == cfg.train.steps else f"--stop-at {stop_at}"
-        say(f"nothing to train: {run_dir} is at step {latest}, which reaches {why}; raise "
-            f"--config.train.steps to train further")
+        say(
+            f"nothing to train: {run_dir} is at step {latest}, which reaches {why}; raise "
+            f"--config.train.steps to train further"
+        )
         return {"run_dir": str(run_dir), "start_step": latest, "step": latest}
     data: Data = main_process_first(lambda: prepare(cfg, run_dir, say), is_main)
     if latest is not None:
@@ -294,15 +328,35 @@ def _train(cfg, run_dir: Path, log: Callable[[str], None], stop_at: int | None) 
     ahead = cpu_dispatch(cfg, say)
 
     # The compiled step and evaluation, the batches, and the periodic work.
-    batches = TrainBatches(data.train, cfg.data.seq_len, cfg.train.batch_size, cfg.data.seed,
-                           parallel.process_block, cfg.data.document_mask)
-    eval_batches = heldout_subset(data.heldout, cfg.data.seq_len, cfg.train.batch_size // cfg.train.grad_accum,
-                                  cfg.train.eval_batches, cfg.data.document_mask)
-    step_fn = parallel.compile_step(partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum,
-                                            on_nan=cfg.train.on_nan), run.shardings)
+    batches = TrainBatches(
+        data.train,
+        cfg.data.seq_len,
+        cfg.train.batch_size,
+        cfg.data.seed,
+        parallel.process_block,
+        cfg.data.document_mask,
+    )
+    eval_batches = heldout_subset(
+        data.heldout,
+        cfg.data.seq_len,
+        cfg.train.batch_size // cfg.train.grad_accum,
+        cfg.train.eval_batches,
+        cfg.data.document_mask,
+    )
+    step_fn = parallel.compile_step(
+        partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum, on_nan=cfg.train.on_nan),
+        run.shardings,
+    )
     eval_fn = parallel.compile_eval(partial(make_eval_step, run.model), run.shardings)
-    writer = MetricsWriter(run_dir, is_main, cfg.train.tensorboard and is_main, cfg.to_dict(),
-                           wandb=cfg.train.wandb, started=t_start, resumed_step=start)
+    writer = MetricsWriter(
+        run_dir,
+        is_main,
+        cfg.train.tensorboard and is_main,
+        cfg.to_dict(),
+        wandb=cfg.train.wandb,
+        started=t_start,
+        resumed_step=start,
+    )
     trace = StepTrace(run_dir / "profile", cfg.train.profile_steps, start + 1, is_main)
     progress = Progress(total, start, cfg.train.log_every, is_main)
     steplog = StepLog(cfg, writer, progress, utilisation, parallel, latest)
@@ -337,9 +391,11 @@ def _train(cfg, run_dir: Path, log: Callable[[str], None], stop_at: int | None) 
                     if stop:
                         ckpts.wait()
                         name = signal.Signals(signals.received).name
-                        raise Preempted(f"received {name}: finished step {done}, saved it in "
-                                        f"{ckpts.directory / str(done)}; run the same command to resume from it",
-                                        signals.received)
+                        raise Preempted(
+                            f"received {name}: finished step {done}, saved it in "
+                            f"{ckpts.directory / str(done)}; run the same command to resume from it",
+                            signals.received,
+                        )
                 if trace.after(step, metrics):  # the trace's one device sync: keep it out of tokens/s
                     pending.flush()
                     steplog.reset_clock()
@@ -363,10 +419,19 @@ def _train(cfg, run_dir: Path, log: Callable[[str], None], stop_at: int | None) 
             ckpts.close()
             writer.close()
     wall_s = time.time() - t_start
-    say(f"{'done' if end == total else 'stopped'}: step {end}, train loss {steplog.loss:.4f}, held-out loss "
-        f"(subset) {steplog.heldout:.4f}, {wall_s:.0f}s; checkpoints in {ckpts.directory}")
-    result = {"run_dir": str(run_dir), "start_step": start, "params": n_params, "step": end,
-              "train_loss": steplog.loss, "heldout_loss": steplog.heldout, "wall_s": wall_s}
+    say(
+        f"{'done' if end == total else 'stopped'}: step {end}, train loss {steplog.loss:.4f}, held-out loss "
+        f"(subset) {steplog.heldout:.4f}, {wall_s:.0f}s; checkpoints in {ckpts.directory}"
+    )
+    result = {
+        "run_dir": str(run_dir),
+        "start_step": start,
+        "params": n_params,
+        "step": end,
+        "train_loss": steplog.loss,
+        "heldout_loss": steplog.heldout,
+        "wall_s": wall_s,
+    }
     if steplog.tokens_per_s is not None:
         result["tokens_per_s"] = steplog.tokens_per_s
     return result

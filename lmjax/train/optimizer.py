@@ -17,19 +17,25 @@ def schedule(optim, total_steps: int) -> optax.Schedule:
     warm = max(optim.warmup_steps, 0)
     if optim.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
-            0.0 if warm else optim.lr, optim.lr, warm, max(total_steps, warm + 1), optim.lr * optim.min_lr_ratio)
+            0.0 if warm else optim.lr, optim.lr, warm, max(total_steps, warm + 1), optim.lr * optim.min_lr_ratio
+        )
     phases = [optax.linear_schedule(0.0, optim.lr, warm)] if warm else []
     boundaries = [warm] if warm else []
     phases.append(optax.constant_schedule(optim.lr))
     if optim.schedule == "step":
         if optim.decay_start < warm:
-            raise UserError(f"optim.decay_start={optim.decay_start} falls inside the warmup "
-                            f"(optim.warmup_steps={warm}); set optim.decay_start >= {warm} or lower optim.warmup_steps")
+            raise UserError(
+                f"optim.decay_start={optim.decay_start} falls inside the warmup "
+                f"(optim.warmup_steps={warm}); set optim.decay_start >= {warm} or lower optim.warmup_steps"
+            )
         if optim.decay_every < 1:
             raise UserError(f"optim.decay_every={optim.decay_every} must be at least 1")
         # join_schedules hands each phase the steps since its boundary: the decay counts from decay_start.
-        phases.append(optax.exponential_decay(optim.lr * optim.decay_factor, optim.decay_every, optim.decay_factor,
-                                              staircase=True))
+        phases.append(
+            optax.exponential_decay(
+                optim.lr * optim.decay_factor, optim.decay_every, optim.decay_factor, staircase=True
+            )
+        )
         boundaries.append(optim.decay_start)
     return phases[0] if len(phases) == 1 else optax.join_schedules(phases, boundaries)
 
@@ -47,14 +53,19 @@ def schedule_on_resume(saved_optim, saved_steps: int, optim, steps: int, step: i
     before = float(schedule(saved_optim, saved_steps)(step))
     after = float(schedule(optim, steps)(step))
     if optim.schedule == "cosine":
-        return [f"train.steps {saved_steps} -> {steps}: the cosine decay now ends at step {steps} "
-                f"(the schedule follows the current train.steps); lr at step {step}: {before:.4g} -> {after:.4g}"]
-    return [f"train.steps {saved_steps} -> {steps}: the {optim.schedule} schedule does not depend on train.steps; "
-            f"lr at step {step}: {before:.4g} -> {after:.4g}"]
+        return [
+            f"train.steps {saved_steps} -> {steps}: the cosine decay now ends at step {steps} "
+            f"(the schedule follows the current train.steps); lr at step {step}: {before:.4g} -> {after:.4g}"
+        ]
+    return [
+        f"train.steps {saved_steps} -> {steps}: the {optim.schedule} schedule does not depend on train.steps; "
+        f"lr at step {step}: {before:.4g} -> {after:.4g}"
+    ]
 
 
 def decay_mask(params):
     """True for weights that get weight decay: matrices, not biases, norms or embeddings."""
+
     def keep(path, leaf):
         names = [getattr(p, "key", str(p)) for p in path]
         return leaf.ndim >= 2 and not any(n in NO_DECAY_NAMES for n in names)
@@ -66,8 +77,9 @@ def build_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformati
     lr = schedule(optim, total_steps)
     parts = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
     if optim.name == "adamw":
-        parts.append(optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                                 weight_decay=optim.weight_decay, mask=decay_mask))
+        parts.append(
+            optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay, mask=decay_mask)
+        )
     else:
         parts.append(optax.sgd(lr, momentum=optim.momentum or None))
     return optax.chain(*parts), lr
