@@ -385,9 +385,9 @@ import jax
 pid, port, directory = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
 from lmjax.checkpoint import Checkpoints
-from lmjax.train.loop import _Signals
+from lmjax.train.preemption import StopSignals
 ckpts = Checkpoints(directory)
-with _Signals(ckpts) as signals:
+with StopSignals(ckpts) as signals:
     print(f"synced {signals.synced}", flush=True)
     for step in range(1, 100000):
         time.sleep(0.005)  # a train step
