@@ -22,7 +22,6 @@ import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 from lmjax.devices import DEVICE_MEMORY, GPU_SPECS, GiB, cuda_plugin_installed, gpu_devices
@@ -155,7 +154,6 @@ def make_plan(cfg, experiment: str = "", devices=None, largest: int = 6) -> Plan
     from lmjax.flops import flops_per_token
     from lmjax.run import build_run, count_params
     from lmjax.train.parallel import MeshParallel, check_batch, restore_target
-    from lmjax.train.step import make_train_step
 
     vocab_size, vocab_source = vocab_size_without_data(cfg)
     parallel_cfg = cfg.parallel
@@ -167,10 +165,7 @@ def make_plan(cfg, experiment: str = "", devices=None, largest: int = 6) -> Plan
     run = build_run(cfg, Path(os.devnull), vocab_size, parallel)  # the run directory is never written
     state = restore_target(run.abstract_state(), run.shardings)
     batch = _abstract_batch(cfg, parallel)
-    step = parallel.compile_step(
-        partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum, on_nan=cfg.train.on_nan),
-        run.shardings,
-    )
+    step = run.compile_train_step()
     # Without a GPU to autotune on, XLA can fail to tile small matmuls for Triton; cuBLAS needs no tiling.
     options = {"xla_gpu_enable_triton_gemm": False} if parallel.mesh.devices.flat[0].platform == "gpu" else None
     compiled = step.lower(state, batch).compile(compiler_options=options)

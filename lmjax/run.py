@@ -13,6 +13,7 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,14 @@ import optax
 from lmjax import config as config_lib
 from lmjax.checkpoint import Checkpoints
 from lmjax.checks import read_json_object
+from lmjax.data.batches import TrainBatches
+from lmjax.data.cache import TokenSplit
 from lmjax.data.tokenizers import Tokenizer, load_tokenizer
 from lmjax.errors import UserError
 from lmjax.models import build_model
 from lmjax.train.optimizer import build_optimizer, schedule_on_resume
 from lmjax.train.parallel import MeshParallel, Parallel, build_parallel, mesh_config
-from lmjax.train.step import TrainState, create_state
+from lmjax.train.step import TrainState, create_state, make_train_step
 
 
 @dataclass
@@ -57,6 +60,19 @@ class Run:
         """The step's state at checkpoint `step`, laid out for this run's devices."""
         return self.parallel.restore(
             lambda target: ckpts.restore_state(step, target), self.abstract_state(), self.shardings
+        )
+
+    def compile_train_step(self) -> Callable:
+        """train_step(state, batch) → (state, metrics) of this config, compiled for the run's layout."""
+        t = self.cfg.train
+        make = partial(make_train_step, self.model, self.tx, self.lr, t.grad_accum, on_nan=t.on_nan)
+        return self.parallel.compile_step(make, self.shardings)
+
+    def train_batches(self, split: TokenSplit) -> TrainBatches:
+        """batches(step) → this process's rows of the global batch of `step`, from `split`."""
+        c = self.cfg
+        return TrainBatches(
+            split, c.data.seq_len, c.train.batch_size, c.data.seed, self.parallel.process_block, c.data.document_mask
         )
 
     def restore_params(self, ckpts: Checkpoints, step: int):

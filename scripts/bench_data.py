@@ -22,7 +22,6 @@ import statistics
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -278,27 +277,16 @@ def bench_training(cfg, run_dir: Path, rounds: int, steps: int) -> None:
     import jax
 
     from lmjax.data import prepare
-    from lmjax.data.batches import Prefetcher, TrainBatches
+    from lmjax.data.batches import Prefetcher
     from lmjax.run import build_run
     from lmjax.train.parallel import build_parallel
-    from lmjax.train.step import make_train_step
 
     data = prepare(cfg, run_dir, log=lambda *_: None)
     parallel = build_parallel(cfg.parallel)
     run = build_run(cfg, run_dir, data.tokenizer.vocab_size, parallel)
     state = parallel.init_state(run.init_state, run.shardings, jax.random.PRNGKey(cfg.seed))
-    step_fn = parallel.compile_step(
-        partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum, on_nan=cfg.train.on_nan),
-        run.shardings,
-    )
-    batches = TrainBatches(
-        data.train,
-        cfg.data.seq_len,
-        cfg.train.batch_size,
-        cfg.data.seed,
-        parallel.process_block,
-        cfg.data.document_mask,
-    )
+    step_fn = run.compile_train_step()
+    batches = run.train_batches(data.train)
     synthetic = parallel.put_batch(batches(10**6))  # same shape and dtypes, placed once
 
     def timed(stream) -> float:

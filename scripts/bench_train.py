@@ -96,7 +96,6 @@ def matmul_peak() -> float:
 
 def worker(name: str, steps: int, n_layers: int | None, scan: bool | None, compile_only: bool) -> dict:
     """Compile and time the real train step of one config; return its figures."""
-    from functools import partial
 
     import jax
     import numpy as np
@@ -105,7 +104,6 @@ def worker(name: str, steps: int, n_layers: int | None, scan: bool | None, compi
     from lmjax.flops import flops_per_token
     from lmjax.models.transformer import TransformerConfig
     from lmjax.run import build_run
-    from lmjax.train.step import make_train_step
 
     cfg, vocab = reference_config(name, n_layers, scan)
     seq_len, batch = cfg.data.seq_len, cfg.train.batch_size
@@ -120,10 +118,7 @@ def worker(name: str, steps: int, n_layers: int | None, scan: bool | None, compi
         return par.put_batch({"inputs": toks[:, :-1], "targets": toks[:, 1:]})
 
     batches = [make_batch() for _ in range(4)]
-    step_fn = par.compile_step(
-        partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum, on_nan=cfg.train.on_nan),
-        run.shardings,
-    )
+    step_fn = run.compile_train_step()
     t0 = time.perf_counter()
     lowered = step_fn.lower(state, batches[0])
     t1 = time.perf_counter()

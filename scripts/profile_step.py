@@ -29,7 +29,6 @@ import re
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,7 +191,6 @@ def main():
     import numpy as np
 
     from lmjax.run import build_run
-    from lmjax.train.step import make_train_step
 
     cfg, vocab = bench_train.reference_config(a.config)
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,7 +199,7 @@ def main():
     state = par.init_state(run.init_state, run.shardings, jax.random.PRNGKey(cfg.seed))
     toks = np.random.default_rng(0).integers(0, vocab, (cfg.train.batch_size, cfg.data.seq_len + 1), dtype=np.int32)
     batch = par.put_batch({"inputs": toks[:, :-1], "targets": toks[:, 1:]})
-    step = par.compile_step(partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum), run.shardings)
+    step = run.compile_train_step()
     step = step.lower(state, batch).compile()
     state, _ = step(state, batch)
     with tempfile.TemporaryDirectory(prefix="lmjax_trace_") as trace_dir:

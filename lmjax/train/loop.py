@@ -18,7 +18,7 @@ from lmjax import scratch_cache
 from lmjax.backend import startup_lines
 from lmjax.checkpoint import Checkpoints
 from lmjax.data import Data, prepare
-from lmjax.data.batches import Prefetcher, TrainBatches, heldout_subset, local_rows
+from lmjax.data.batches import Prefetcher, heldout_subset, local_rows
 from lmjax.errors import UserError
 from lmjax.flops import Utilisation
 from lmjax.metrics import MetricsWriter, Progress, StepTrace, truncate_after
@@ -37,7 +37,7 @@ from lmjax.runlock import RunLock
 from lmjax.sample import sample_text
 from lmjax.train.parallel import build_parallel, check_batch
 from lmjax.train.preemption import StopSignals
-from lmjax.train.step import make_eval_step, make_train_step
+from lmjax.train.step import make_eval_step
 
 
 class TrainingHalted(Exception):
@@ -278,14 +278,7 @@ def _train(cfg, run_dir: Path, log: Callable[[str], None], stop_at: int | None) 
     ahead = cpu_dispatch(cfg, say)
 
     # The compiled step and evaluation, the batches, and the periodic work.
-    batches = TrainBatches(
-        data.train,
-        cfg.data.seq_len,
-        cfg.train.batch_size,
-        cfg.data.seed,
-        parallel.process_block,
-        cfg.data.document_mask,
-    )
+    batches = run.train_batches(data.train)
     eval_batches = heldout_subset(
         data.heldout,
         cfg.data.seq_len,
@@ -293,10 +286,7 @@ def _train(cfg, run_dir: Path, log: Callable[[str], None], stop_at: int | None) 
         cfg.train.eval_batches,
         cfg.data.document_mask,
     )
-    step_fn = parallel.compile_step(
-        partial(make_train_step, run.model, run.tx, run.lr, cfg.train.grad_accum, on_nan=cfg.train.on_nan),
-        run.shardings,
-    )
+    step_fn = run.compile_train_step()
     eval_fn = parallel.compile_eval(partial(make_eval_step, run.model), run.shardings)
     writer = MetricsWriter(
         run_dir,
