@@ -402,7 +402,7 @@ CASES = [
         "has no metrics.jsonl entries",
         lambda t, ctx: (t / "empty").mkdir(),
     ),
-    ("plot --x epoch", ["plot", "{run}", "--x", "epoch"], "invalid choice: 'epoch'"),
+    ("plot --x epoch", ["plot", "{run}", "--x", "epoch"], "--x must be one of step, tokens, time, got 'epoch'"),
 ]
 IDS = [re.sub(r"[^A-Za-z0-9]+", "_", c[0]).strip("_")[:60] for c in CASES]
 
