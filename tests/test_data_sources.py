@@ -235,8 +235,9 @@ def test_second_run_reuses_cache_and_changes_make_new_ones(tmp_path, monkeypatch
     assert logs[-1].startswith("tokenized train")  # another tokenizer: another cache
 
     victim = sorted(tmp_path.glob("*.txt"))[0]
-    time.sleep(0.01)
     victim.write_text("changed text")
+    later = victim.stat().st_mtime + 2  # an edit seconds later, as a person makes it (not within one tick)
+    os.utime(victim, (later, later))
     changed = build_or_load({"train": load_corpus(cfg).train}, ByteTokenizer(), cfg, logs.append)["train"]
     assert logs[-1].startswith("tokenized train")  # an edited source file: another cache
     assert len(changed.tokens) != len(first.tokens)
