@@ -216,7 +216,8 @@ def test_large_vocabulary_is_stored_as_uint32():
 
 def test_second_run_reuses_cache_and_changes_make_new_ones(tmp_path, monkeypatch):
     write_source("text", tmp_path)
-    cfg = data_cfg(source="files", paths=str(tmp_path / "*.txt"), heldout_fraction=0.2)
+    # Its own cache: the session's is keyed by text, and other tests tokenize the same documents.
+    cfg = data_cfg(source="files", paths=str(tmp_path / "*.txt"), heldout_fraction=0.2, cache_dir=str(tmp_path / "c"))
     logs = []
     first = build_or_load({"train": load_corpus(cfg).train}, ByteTokenizer(), cfg, logs.append)["train"]
     assert logs[-1].startswith("tokenized train")
