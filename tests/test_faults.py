@@ -364,7 +364,8 @@ def test_signal_during_eval_exits_cleanly_and_writes_no_report(sig, delay, refer
     shutil.copytree(reference, run)
     before = tree_hash(run)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lmjax.cli", "eval", str(run)],
+        # Stride 1, one window a call: an eval that outlasts the delay on an idle machine too.
+        [sys.executable, "-m", "lmjax.cli", "eval", str(run), "--stride", "1", "--batch-size", "1"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
