@@ -377,8 +377,9 @@ def _interrupted(args, argv: list[str], signum: int, called_as_program: bool) ->
     import signal
 
     command = args.command if args is not None else next((a for a in argv if a in COMMANDS), "lmjax")
-    run_dir = (args.workdir or os.path.join("runs", Path(args.experiment).stem)) if args is not None else None
-    saved = what_was_saved(command, run_dir if command == "train" else None)
+    train = args is not None and command == "train"  # only train's arguments name a run directory
+    run_dir = (args.workdir or os.path.join("runs", Path(args.experiment).stem)) if train else None
+    saved = what_was_saved(command, run_dir)
     if getattr(args, "written", None):
         saved = f"wrote {', '.join(args.written)} before it; no other report was written"
     print(f"lmjax: received {signal.Signals(signum).name}: {command} stopped; {saved}", file=sys.stderr)
