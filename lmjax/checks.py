@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lmjax.errors import UserError
+from lmjax.interrupts import raise_if_received
 
 SEED_MAX = 2**32 - 1  # jax.random.PRNGKey takes a 32-bit seed
 
@@ -239,10 +240,12 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         tmp.write_text(json.dumps(finite_or_null(data), indent=2, allow_nan=False))
+        raise_if_received()  # a stop that arrived while the data was computed: nothing is committed
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"could not write {path} ({e.strerror}); free disk space or choose another path") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after the rename; left by a failure or a stop
 
 
 def finite_or_null(x: Any) -> Any:
@@ -268,6 +271,7 @@ def write_directory_atomic(out: Path, write: Callable[[Path], Any]) -> Any:
         raise UserError(f"cannot create {out} ({e.strerror}); choose another directory") from None
     try:
         result = write(tmp)
+        raise_if_received()
         if not out.exists():
             os.rename(tmp, out)
             return result
@@ -288,10 +292,12 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         tmp.write_text(text)
+        raise_if_received()
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"could not write {path} ({e.strerror}); free disk space or choose another path") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after the rename; left by a failure or a stop
 
 
 DEFAULT_NEW_TOKENS = 200

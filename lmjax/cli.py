@@ -18,7 +18,15 @@ from pathlib import Path
 
 from lmjax import checks
 from lmjax.errors import UserError
-from lmjax.interrupts import Interrupted, deferred, interrupted_within, raise_on_signals, signals_held, what_was_saved
+from lmjax.interrupts import (
+    Interrupted,
+    deferred,
+    interrupted_within,
+    raise_if_received,
+    raise_on_signals,
+    signals_held,
+    what_was_saved,
+)
 
 
 def _quiet_logs() -> None:
@@ -31,8 +39,10 @@ def _quiet_logs() -> None:
 
 def _drop_closed_loop_errors(unraisable, previous=sys.unraisablehook) -> None:
     """The program's sys.unraisablehook: TensorStore writes that Orbax abandoned after a failed save end in
-    its closed asyncio loop, a traceback each; the failure is already one line (Orbax has no switch for it)."""
-    if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+    its closed asyncio loop, a traceback each; the failure is already one line (Orbax has no switch for it).
+    An Interrupted raised inside a callback (JAX's gc callback) is dropped too: raise_if_received answers it."""
+    closed_loop = unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+    if not (closed_loop or issubclass(unraisable.exc_type, Interrupted)):
         previous(unraisable)
 
 
@@ -110,6 +120,7 @@ def cmd_sample(args, overrides) -> int:
         eot_id=tok.eot_id,
         max_len=max_len,
     )
+    raise_if_received()  # a stop during generation prints no samples
     for prompt, prompt_ids, new in zip(prompts, ids, outs):
         text = cut_at_stop(tok.decode_after(prompt_ids, new), args.stop or [])
         print(f"--- sample from {args.run_dir} at step {step} ---")
@@ -350,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
                 for module in HEAVY_IMPORTS.get(args.command, ()):
                     importlib.import_module(module)
             checks.check_flags(args)
-            return COMMANDS[args.command](args, overrides)
+            status = COMMANDS[args.command](args, overrides)
+            raise_if_received()
+            return status
     except Interrupted as e:
         return _interrupted(args, argv, e.signum, called_as_program)
     except KeyboardInterrupt:  # a Ctrl-C that landed before our handler was installed

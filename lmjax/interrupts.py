@@ -35,6 +35,14 @@ def _raise(signum, frame):
         raise Interrupted(signum)
 
 
+def raise_if_received() -> None:
+    """Raise the Interrupted that was lost: one raised while Python ran a callback of its own (a
+    gc callback such as JAX's, a __del__) is printed and dropped, and the command would carry on.
+    Commands call this before they commit anything (a report, a directory) and as they end."""
+    if received and not _deferring[0]:
+        raise Interrupted(received[-1])
+
+
 @contextmanager
 def deferred():
     """Hold a signal's Interrupted until the block ends: imports of native libraries (numpy,
@@ -54,6 +62,7 @@ def deferred():
 def raise_on_signals():
     """SIGINT and SIGTERM raise Interrupted in the main thread while inside (the train loop
     replaces these handlers with its save-then-stop ones while it runs)."""
+    received.clear()  # a new command: signals an earlier in-process call answered are not ours
     old = {}
     for sig in STOP_SIGNALS:
         try:

@@ -380,6 +380,29 @@ def test_signal_during_eval_exits_cleanly_and_writes_no_report(sig, delay, refer
     assert tree_hash(run) == before
 
 
+def test_signal_lost_inside_a_callback_still_stops_the_command(tmp_path, monkeypatch, capsys):
+    """A signal's Interrupted raised inside a callback Python runs for itself (JAX's gc callback)
+    is printed and dropped; the command must still stop before it commits anything."""
+    from lmjax import cli, interrupts
+
+    report = tmp_path / "report.json"
+
+    def command_whose_interrupt_was_swallowed(args, overrides):
+        interrupts.received.append(signal.SIGTERM)  # what the handler records before its raise is lost
+        from lmjax import checks
+
+        checks.write_json_atomic(report, {"loss": 1.0})
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "runs", command_whose_interrupt_was_swallowed)
+    assert cli.main(["runs", str(tmp_path)]) == 128 + signal.SIGTERM
+    assert "lmjax: received SIGTERM: runs stopped" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither the report nor its temporary file
+
+    monkeypatch.setitem(cli.COMMANDS, "runs", lambda a, o: interrupts.received.append(signal.SIGINT) or 0)
+    assert cli.main(["runs", str(tmp_path)]) == 128 + signal.SIGINT  # lost at the very end: still not status 0
+
+
 TWO_HOSTS = r"""
 import sys, time
 import jax
