@@ -332,6 +332,8 @@ def reading_data(what: str):
     except Exception as e:
         if type(e).__module__.split(".")[0] not in ("pyarrow", "datasets"):
             raise
+        if type(e).__name__ == "DatasetGenerationError" and e.__cause__ is not None:
+            e = e.__cause__  # datasets' wrapper of the parser's own error, which names the row
         first = str(e).splitlines()[0][:200] if str(e) else ""
         raise UserError(
             f"could not read {what}: {type(e).__name__}: {first}; check the files and "

@@ -139,15 +139,32 @@ def write_config(cfg, run_dir: Path) -> None:
     os.replace(tmp, run_dir / "config.json")
 
 
-def main_process_first(fn: Callable, is_main: bool):
-    """Run `fn` on process 0, then on the others: files it writes (tokenizer, token cache)
-    are made once and read by the rest."""
+def on_process_0(fn: Callable, is_main: bool, what: str):
+    """Run `fn` on process 0 alone; every process returns when it is done. A mistake process 0
+    finds (a held lock, bad data) stops every process with one line, instead of leaving the
+    others waiting at the next collective."""
     if jax.process_count() == 1:
         return fn()
     from jax.experimental import multihost_utils  # only multi-process runs need it
 
-    out = fn() if is_main else None
-    multihost_utils.sync_global_devices("lmjax: process 0 prepared the data")
+    out, error = None, None
+    if is_main:
+        try:
+            out = fn()
+        except UserError as e:
+            error = e
+    ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))  # also the barrier
+    if error is not None:
+        raise error
+    if not ok:
+        raise UserError(f"process 0 stopped while {what}; its output says why")
+    return out
+
+
+def main_process_first(fn: Callable, is_main: bool):
+    """Run `fn` on process 0, then on the others: files it writes (tokenizer, token cache)
+    are made once and read by the rest."""
+    out = on_process_0(fn, is_main, "preparing the data")
     return out if is_main else fn()
 
 

@@ -174,10 +174,10 @@ def worker(name: str, steps: int, n_layers: int | None, scan: bool | None, compi
     return out
 
 
-def run_worker(args: list[str], tree: Path = ROOT) -> dict:
-    """Run a worker of the benchmark script of `tree` (this checkout, or a --baseline one)."""
+def run_worker(args: list[str], tree: Path = ROOT, script: str = "bench_train.py", flag: str = "--worker") -> dict:
+    """Run a worker of a benchmark script of `tree` (this checkout, or a --baseline one); its last line's JSON."""
     proc = subprocess.run(
-        [sys.executable, str(tree / "scripts" / "bench_train.py"), "--worker", *args],
+        [sys.executable, str(tree / "scripts" / script), flag, *args],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(tree)},

@@ -274,7 +274,7 @@ CASES = [
     (
         "eval --data a text file read as parquet",
         ["eval", "{run}", "--data", "{corpus}/abc.txt", "--config.data.format=parquet"],
-        "could not read --data",
+        "could not read data.paths='/tmp/x/abc.txt' as parquet: ArrowInvalid",
     ),
     ("eval --config.train.steps=3", ["eval", "{run}", "--config.train.steps=3"], "eval takes only --config.data"),
     (
@@ -493,6 +493,30 @@ def strict_json(path: Path):
         raise ValueError(f"{path} holds {name}")
 
     return json.loads(path.read_text(), parse_constant=refuse)
+
+
+MALFORMED = {
+    "parquet": b"PAR1 not really",  # no footer: read when datasets opens the file, before any row
+    "arrow": b"ARROW1 no",
+    "jsonl": b'{"text": "fine"}\n{"text": broken\n',  # a bad row: read while the dataset is generated
+    "csv": b'text\n"open quote\n',
+}
+
+
+@pytest.mark.parametrize("fmt", MALFORMED)
+def test_train_on_a_malformed_data_file_is_one_line(fmt, tiny_run, tmp_path, capsys, monkeypatch):
+    from lmjax.cli import main
+
+    monkeypatch.setenv("LMJAX_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / f"bad.{fmt}"
+    data.write_bytes(MALFORMED[fmt])
+    argv = ["train", str(tiny_run["exp"]), "--workdir", str(tmp_path / "run"), "--config.data.source=files"]
+    code = main([*argv, f"--config.data.paths={data}", f"--config.data.format={fmt}"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"lmjax: error: could not read data.paths='{data}' as "), err
+    assert "check the files and --config.data.format" in lines[0]
 
 
 def test_eval_data_scores_all_of_it_whatever_the_runs_cap(tiny_run, tmp_path, capsys):

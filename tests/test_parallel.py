@@ -399,6 +399,42 @@ def test_two_processes_match_one_process_and_stop_together(reference, tmp_path, 
     assert diff < TOL, diff
 
 
+def hold_lock_as_another_job(run_dir: Path) -> int:
+    """An open flock on RUN_DIR/.lock, as lmjax.runlock takes it, with a holder record."""
+    import fcntl
+
+    run_dir.mkdir(parents=True)
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, json.dumps({"pid": 4242, "host": "gpu-node-7", "started": 0}).encode())
+    return fd
+
+
+@pytest.mark.parametrize("mistake", ["held lock", "bad data"])
+def test_a_mistake_process_0_finds_stops_both_processes(mistake, tmp_path, corpus_dir, cache):
+    """Process 0 alone takes the lock and prepares the data: when it refuses, process 1 must
+    stop with one line too, not wait at the next collective."""
+    exp = write_experiment(tmp_path / "exp.py", corpus_dir, experiment_body(LOOP))
+    run_dir, extra, fd = tmp_path / "run", [], None
+    if mistake == "held lock":
+        fd = hold_lock_as_another_job(run_dir)
+        words, where = "PID 4242 on host gpu-node-7", "taking the lock on"
+    else:
+        (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+        extra = ["--config.data.source=files", f"--config.data.paths={tmp_path / 'bad.parquet'}"]
+        extra += ["--config.data.format=parquet"]
+        words, where = "could not read data.paths=", "preparing the data"
+    try:
+        (zero, one) = wait_all(launch_two_processes(exp, run_dir, cache, extra), timeout=240)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    for code, out, err in (zero, one):
+        assert code == 2 and "Traceback" not in err, f"exit {code}\n{out[-2000:]}\n{err[-3000:]}"
+    assert words in zero[2], zero[2]
+    assert f"lmjax: error: process 0 stopped while {where}" in one[2], one[2]
+
+
 # ---------------------------------------------------------------------------------------
 # Errors a person can fix, and how the multi-process settings are read
 

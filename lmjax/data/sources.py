@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
+from lmjax.checks import reading_data
 from lmjax.errors import UserError
 
 if TYPE_CHECKING:  # datasets is slow to import: the functions that read a corpus import it
@@ -61,14 +62,8 @@ def _load(builder: str, data_files, where: str, **kwargs):
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its error log would repeat ours
     try:
-        return datasets.load_dataset(builder, data_files=data_files, **kwargs)
-    except datasets.exceptions.DatasetGenerationError as e:
-        cause = e.__cause__ or e
-        first_line = str(cause).splitlines()[0][:200]
-        raise UserError(
-            f"could not read {where} as {builder} ({type(cause).__name__}: {first_line}); "
-            "check the files and data.format"
-        ) from None
+        with reading_data(f"{where} as {builder}"):  # names the key (data.paths or data.heldout_paths)
+            return datasets.load_dataset(builder, data_files=data_files, **kwargs)
     finally:
         datasets.logging.set_verbosity(verbosity)
 

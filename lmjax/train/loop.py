@@ -29,6 +29,7 @@ from lmjax.run import (
     check_tokenizer,
     count_params,
     main_process_first,
+    on_process_0,
     probe_writable,
     tokenizer_record,
     write_config,
@@ -228,7 +229,8 @@ def train(cfg, workdir: str | Path, log: Callable[[str], None] = print, stop_at:
     probe_writable(run_dir)
     is_main = jax.process_index() == 0
     try:
-        with RunLock(run_dir, log) if is_main else contextlib.nullcontext():
+        with contextlib.ExitStack() as lock:  # process 0 holds it for all; the others wait for its answer
+            on_process_0(lambda: lock.enter_context(RunLock(run_dir, log)), is_main, f"taking the lock on {run_dir}")
             return _train(cfg, run_dir, log, stop_at)
     except UserError:
         if created and is_main and not any(p.is_file() for p in run_dir.rglob("*")):
