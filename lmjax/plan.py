@@ -64,6 +64,7 @@ class Plan:
     temp_bytes: int  # per device: activations, gradients, workspaces of the compiled program
     peak_bytes: int  # per device: live inputs + outputs not donated + temporaries
     flops_per_step: float | None  # model FLOPs (lmjax.flops), all devices together
+    attention: str = ""  # the implementation the step was traced with, and why
     largest: list[ArrayPlan] = field(default_factory=list)
 
     def fits(self, device_name: str) -> tuple[bool, float]:
@@ -152,6 +153,7 @@ def make_plan(cfg, experiment: str = "", devices=None, largest: int = 6) -> Plan
     import jax
 
     from lmjax.flops import flops_per_token
+    from lmjax.models import attention
     from lmjax.run import build_run, count_params
     from lmjax.train.parallel import MeshParallel, check_batch, restore_target
 
@@ -168,7 +170,10 @@ def make_plan(cfg, experiment: str = "", devices=None, largest: int = 6) -> Plan
     step = run.compile_train_step()
     # Without a GPU to autotune on, XLA can fail to tile small matmuls for Triton; cuBLAS needs no tiling.
     options = {"xla_gpu_enable_triton_gemm": False} if parallel.mesh.devices.flat[0].platform == "gpu" else None
-    compiled = step.lower(state, batch).compile(compiler_options=options)
+    target = attention.Device.of(parallel.mesh.devices.flat[0], parallel.n_devices)
+    with attention.compiling_for(target):  # the target's kernels, not those of the device present
+        compiled = step.lower(state, batch).compile(compiler_options=options)
+    choice = attention.for_config(cfg, target)[0] if cfg.model.kind == "transformer" else None
     params = _tree_bytes(state.params)
     opt = _tree_bytes(state.opt_state)
     everything = _tree_bytes(state)
@@ -194,6 +199,7 @@ def make_plan(cfg, experiment: str = "", devices=None, largest: int = 6) -> Plan
         temp_bytes=int(m.temp_size_in_bytes),
         peak_bytes=int(peak),
         flops_per_step=per_token * tokens if per_token else None,
+        attention=attention.describe(choice, target) if choice else "",
         largest=_largest(state, largest),
     )
 
@@ -218,6 +224,7 @@ def format_plan(p: Plan, cfg) -> str:
         ),
         f"compiled ahead of time by XLA's {p.platform.upper()} compiler for {p.device_kind}; nothing was run"
         + ("" if p.platform == "gpu" else " (temporaries: see the README on how a GPU's differ)"),
+        *([p.attention] if p.attention else []),
         "per device:",
         f"  parameters        {_size(p.params_bytes)}",
         f"  optimizer state   {_size(p.opt_state_bytes)}",

@@ -76,6 +76,7 @@ def test_parameter_and_optimizer_bytes_match_a_count_by_hand(tmp_path, fsdp):
     assert p["temp_bytes"] > 0 and p["peak_bytes"] >= p["params_bytes"] + p["opt_state_bytes"] + p["temp_bytes"]
     assert p["flops_per_step"] > 6 * (matrices) * 16 * 32
     assert f"over {fsdp} cpu devices" in r.stdout and "H200-141G" in r.stdout
+    assert "attention: cpu on cpu" in r.stdout and p["attention"].startswith("attention: cpu on cpu")
 
 
 def test_mesh_that_does_not_divide_the_devices_is_one_line():
@@ -144,3 +145,5 @@ def test_compiles_for_a_gpu_without_one(tmp_path):
     matrices, vectors = V * D + L * (4 * D * D + 2 * D * F), L * 2 * D + D
     assert p["params_bytes"] == 4 * (matrices + vectors)  # data parallel: a full copy per device
     assert "XLA's GPU compiler" in r.stdout
+    # Traced for the GPU, not for the CPU present: float32 keeps cuDNN out, so XLA's attention.
+    assert "attention: xla on gpu (NVIDIA H100 80GB HBM3): cudnn cannot run: it takes bfloat16" in r.stdout
