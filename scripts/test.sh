@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Set up with the dev extras, check lint and format with ruff, then run the test suite
-# (pytest's "no tests ran" counts as a failure).
+# Set up with the dev extras, check lint and format with ruff, then run the test suite on two
+# pytest-xdist workers, a test file per worker at a time (so a file's module fixtures, such as a
+# trained reference run, are made once); pytest's "no tests ran" counts as a failure.
+# Arguments go to pytest after ours: `bash scripts/test.sh -n 0 tests/test_config.py` runs serially.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
@@ -8,7 +10,7 @@ export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 set +e
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest -n 2 --dist loadfile "$@"
 code=$?
 set -e
 if [ "$code" -eq 5 ]; then
