@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import logging
 import os
 import sysconfig
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,6 +68,18 @@ def _load(builder: str, data_files, where: str, **kwargs):
             return datasets.load_dataset(builder, data_files=data_files, **kwargs)
     finally:
         datasets.logging.set_verbosity(verbosity)
+
+
+@contextmanager
+def _quiet(logger: str):
+    """Only errors from `logger` and its children while inside."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _resolve_files(spec: str, key: str) -> list[str]:
@@ -197,7 +211,8 @@ def load_corpus(data) -> Corpus:
                 )
             datasets.disable_progress_bars()
             try:
-                ds = datasets.load_dataset(data.hub_name, data.hub_config or None)
+                with _quiet("huggingface_hub"):  # offline: a warning per retry (~20 lines) before the error
+                    ds = datasets.load_dataset(data.hub_name, data.hub_config or None)
             except (ConnectionError, FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
                 first_line = str(e).splitlines()[0][:200] if str(e) else ""
                 raise UserError(
