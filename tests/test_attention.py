@@ -233,3 +233,17 @@ def test_the_fused_kernel_on_this_device_matches_xla_with_documents_and_grouped_
         results[name] = (out, *vjp(dout))
     for a, b in zip(results[fused], results["xla"]):
         np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), atol=6e-2, rtol=6e-2)
+
+
+def test_a_splash_run_initialises_although_init_traces_a_short_row(tmp_path, corpus_dir):
+    """Init traces a dummy row of 8 tokens (1 for the shardings); splash takes multiples of 128 only.
+    Parameters do not depend on the kernel, so init must not ask for one (mutation: choose at init)."""
+    from conftest import tiny_config
+
+    from lmjax.run import build_run
+
+    cfg = tiny_config(corpus_dir, **{"model.attention": "splash", "data.seq_len": 128})
+    with attention.compiling_for(Device("tpu", "TPU v5 lite", count=1)):
+        run = build_run(cfg, tmp_path, 64)
+        state = jax.eval_shape(run.init_state, jax.random.PRNGKey(0))
+    assert state.params["wte"].shape == (64, 32)

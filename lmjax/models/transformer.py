@@ -194,6 +194,8 @@ class Attention(nn.Module):
             q_pos_T = i + jnp.arange(t)
             mask = (jnp.arange(c.max_len)[None, :] <= q_pos_T[:, None])[None, None]  # 1x1xTxS
             out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask)
+        elif self.is_initializing():  # init traces a short dummy row (splash needs 128s); no kernel owns parameters
+            out_BxTxNxH = attention.causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, "xla")
         else:
             choice = attention.choose(
                 c.attention,
