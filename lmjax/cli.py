@@ -131,9 +131,10 @@ def cmd_sample(args, overrides) -> int:
 def cmd_import_hf(args, overrides) -> int:
     from lmjax.interop.hf import import_hf
 
-    checks.check_new_directory(Path(args.out), "import-hf --out")
+    out = Path(args.out).absolute()
+    checks.check_new_directory(out, "import-hf --out")
     checks.check_hf_source(args.source)
-    import_hf(args.source, args.out, args.tokenizer, overrides)
+    _write_directory(out, lambda tmp, log: import_hf(args.source, tmp, args.tokenizer, overrides, log=log))
     return 0
 
 
@@ -142,13 +143,14 @@ def cmd_export_hf(args, overrides) -> int:
 
     out = Path(args.out).absolute()
     checks.check_new_directory(out, "export-hf --out", args.force, protect=(Path(args.run_dir),))
-    checks.write_directory_atomic(
-        out,
-        lambda tmp: export_hf(
-            args.run_dir, tmp, args.checkpoint, log=lambda line: print(line.replace(str(tmp), str(out)))
-        ),
-    )
+    _write_directory(out, lambda tmp, log: export_hf(args.run_dir, tmp, args.checkpoint, log=log))
     return 0
+
+
+def _write_directory(out: Path, write) -> None:
+    """`write(tmp, log)` fills a temporary directory that becomes `out` when it is done (a failure
+    or a stop leaves `out` as it was); the lines it logs name `out`, not the temporary one."""
+    checks.write_directory_atomic(out, lambda tmp: write(tmp, lambda line: print(line.replace(str(tmp), str(out)))))
 
 
 def cmd_plot(args, overrides) -> int:

@@ -151,7 +151,7 @@ def on_process_0(fn: Callable, is_main: bool, what: str):
     if is_main:
         try:
             out = fn()
-        except UserError as e:
+        except BaseException as e:  # any failure, a signal included: the others must hear of it too
             error = e
     ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))  # also the barrier
     if error is not None:

@@ -238,6 +238,20 @@ def test_the_study_plan_matches_budgets_and_refuses_ones_too_small(corpus_dir):
     scaling.plan(base, [smallest], per_budget=3)  # the budget it names works
     with pytest.raises(UserError):
         scaling.plan(base, [smallest * 0.9], per_budget=3)
+    with pytest.raises(UserError, match="more than the size ladder holds"):  # was an IndexError
+        scaling.plan(base, [3e13], per_budget=scaling.MAX_SIZE + 1)
+
+
+def test_a_study_with_no_resamples_is_refused_before_training(tmp_path, corpus_dir, capsys):
+    from lmjax.cli import main
+
+    exp = write_experiment(tmp_path / "exp.py", corpus_dir)
+    argv = ["study", str(exp), "--budgets", "3e10", "--per-budget", "3", "--bootstrap", "0"]
+    assert main([*argv, "--out", str(tmp_path / "study")]) == 2  # was a KeyError after all the training
+    assert capsys.readouterr().err.strip() == (
+        "lmjax: error: --bootstrap must be at least 1 (resamples for the 95% intervals), got 0"
+    )
+    assert not (tmp_path / "study").exists()
 
 
 def test_a_directory_of_another_experiment_is_refused_naming_the_keys(tmp_path, corpus_dir):

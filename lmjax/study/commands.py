@@ -115,6 +115,8 @@ def cmd_study(args, overrides) -> int:
     from lmjax.study.report import final_heldout, read_spec
 
     t0 = time.time()
+    if args.bootstrap < 1:
+        raise UserError(f"--bootstrap must be at least 1 (resamples for the 95% intervals), got {args.bootstrap}")
     base = config_lib.load(args.experiment, overrides)
     planned = scaling.plan(base, parse_budgets(args.budgets), args.per_budget)
     points = [p for p, _ in planned]

@@ -92,6 +92,8 @@ def plan(cfg, budgets: list[float], per_budget: int) -> list[tuple[Point, dict]]
         raise UserError("--budgets needs at least one FLOP budget, e.g. --budgets 1e12,3e12,1e13")
     if per_budget < 3:
         raise UserError(f"--per-budget {per_budget} is too few: an IsoFLOP parabola needs at least 3 sizes per budget")
+    if per_budget > MAX_SIZE:
+        raise UserError(f"--per-budget {per_budget} is more than the size ladder holds ({MAX_SIZE}); use at most that")
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     ladder = [(size(s), *counts(cfg, size(s))) for s in range(1, MAX_SIZE + 1)]
     smallest_ok = MIN_STEPS * ladder[per_budget - 1][2] * tokens_per_step

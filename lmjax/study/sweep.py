@@ -198,9 +198,9 @@ def run_points(
             _train_here(cfgs[p.name], out / p.name)
         except Preempted as e:
             raise Stopped(f"sweep stopped in {p.name}: {e}", 128 + e.signum) from None
-        except KeyboardInterrupt:  # before its train loop started: nothing of this point to save
+        except KeyboardInterrupt as e:  # before its train loop started: nothing of this point to save
             raise Stopped(
-                f"sweep stopped before {p.name} started training; run the same command to resume", 130
+                f"sweep stopped before {p.name} started training; run the same command to resume", _status(e)
             ) from None
         except (TrainingHalted, UserError) as e:
             outcomes.append(Outcome(p, "failed", time.time() - t0, str(e)))
@@ -255,16 +255,39 @@ def _run_subprocesses(out: Path, experiment: str, base_overrides, todo, parallel
                 )
                 what = "done" if ok else f"failed (exit status {proc.returncode})"
                 log(f"{p.name}: {what} in {time.time() - t0:.0f}s" + ("" if ok else f"; see {out / p.name / LOG_FILE}"))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        in_flight, saved = len(running), _stop_children(running)
         raise Stopped(
-            f"sweep stopped; {len(running)} runs saved on SIGTERM; run the same command to resume", 130
+            f"sweep stopped; {saved} of the {in_flight} runs in flight saved their step and stopped; "
+            "run the same command to resume",
+            _status(e),
         ) from None
-    finally:  # Ctrl-C or an error here: each child saves on SIGTERM and the next sweep resumes it
-        for proc in running:
-            proc.send_signal(signal.SIGTERM)
-        for proc in running:
-            proc.wait()
+    finally:  # an error here: each child saves on SIGTERM and the next sweep resumes it
+        _stop_children(running)
     return outcomes
+
+
+def _status(stop: KeyboardInterrupt) -> int:
+    """128 + the signal: 143 for SIGTERM (lmjax.interrupts.Interrupted), 130 for a plain Ctrl-C."""
+    return 128 + getattr(stop, "signum", signal.SIGINT)
+
+
+def _stop_children(running: dict, timeout: float = 600) -> int:
+    """SIGTERM each child `lmjax train` (it saves the step it is in and exits 143), wait for them
+    (kill one that outlasts `timeout`), and return how many saved. Empties `running`."""
+    for proc in running:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    saved, deadline = 0, time.time() + timeout
+    for proc in running:
+        try:
+            proc.wait(max(deadline - time.time(), 0))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        saved += proc.returncode == 128 + signal.SIGTERM
+    running.clear()
+    return saved
 
 
 def _quoted(overrides) -> str:
