@@ -185,12 +185,6 @@ def check_hf_source(source: str) -> None:
             check_safetensors(f)
 
 
-def check_paths_exist(paths: list[str], what: str) -> None:
-    for p in paths:
-        if not Path(p).exists():
-            raise UserError(f"{what} {p} does not exist")
-
-
 # ---------------------------------------------------------------- files written
 
 
@@ -261,7 +255,8 @@ def finite_or_null(x: Any) -> Any:
 
 def write_directory_atomic(out: Path, write: Callable[[Path], Any]) -> Any:
     """Run `write(tmp_dir)`, then move what it wrote to `out`: renamed whole when `out` is absent,
-    else file by file (each os.replace atomic). A failure leaves `out` as it was."""
+    else file by file (each os.replace atomic). A failure or a stop while `write` runs leaves `out`
+    as it was; one while the files move (export-hf --force into a directory) can leave a mix."""
     out = Path(out).absolute()
     tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
     try:

@@ -18,6 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
+from lmjax.checks import write_text_atomic
 from lmjax.errors import UserError
 
 
@@ -35,6 +36,11 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return out
 
 
+def wall_time(records: list[dict]) -> float | None:
+    """Seconds a run has trained, resumes included: the largest 'time' of its records (None before any)."""
+    return max((r["time"] for r in records if "time" in r), default=None)
+
+
 def truncate_after(path: Path, step: int) -> int:
     """Keep entries with step ≤ `step` and drop torn lines; return how many were dropped."""
     if not path.is_file():
@@ -47,9 +53,7 @@ def truncate_after(path: Path, step: int) -> int:
                 keep.append(line)
         except ValueError:
             continue
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
     return len(lines) - len(keep)
 
 

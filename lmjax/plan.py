@@ -28,7 +28,6 @@ from lmjax.devices import DEVICE_MEMORY, GPU_SPECS, GiB, cuda_plugin_installed, 
 from lmjax.errors import UserError
 
 # build_tokenizer's vocabulary for tokenizer.kind='bpe' with tokenizer.vocab_size=0.
-DEFAULT_BPE_VOCAB = 4096
 
 
 @dataclass
@@ -78,7 +77,7 @@ class Plan:
 
 def vocab_size_without_data(cfg) -> tuple[int, str]:
     """(vocabulary size, where it came from), known without reading the corpus."""
-    from lmjax.data.tokenizers import ByteTokenizer, build_tokenizer
+    from lmjax.data.tokenizers import DEFAULT_BPE_VOCAB, ByteTokenizer, build_tokenizer
 
     tok = cfg.tokenizer
     if cfg.model.vocab_size:

@@ -25,7 +25,7 @@ import optax
 
 from lmjax import config as config_lib
 from lmjax.checkpoint import Checkpoints
-from lmjax.checks import read_json_object
+from lmjax.checks import read_json_object, write_text_atomic
 from lmjax.data.batches import TrainBatches
 from lmjax.data.cache import TokenSplit
 from lmjax.data.tokenizers import Tokenizer, load_tokenizer
@@ -134,9 +134,7 @@ def probe_writable(run_dir: Path) -> None:
 
 def write_config(cfg, run_dir: Path) -> None:
     """RUN_DIR/config.json, written whole or not at all: eval and sample read it."""
-    tmp = run_dir / ".config.json.tmp"
-    tmp.write_text(config_lib.to_json(cfg))
-    os.replace(tmp, run_dir / "config.json")
+    write_text_atomic(run_dir / "config.json", config_lib.to_json(cfg))
 
 
 def on_process_0(fn: Callable, is_main: bool, what: str):

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from lmjax.errors import UserError
-from lmjax.metrics import read_jsonl
+from lmjax.metrics import read_jsonl, wall_time
 
 X_AXES = {"step": "step", "tokens": "tokens seen", "time": "wall time (s)"}
 
@@ -107,7 +107,7 @@ def run_summary(run_dir: Path) -> dict:
         "best_heldout_loss": best,
         "best_heldout_ppl": math.exp(min(best, 50)) if best is not None else None,
         "tokens_seen": max((r["tokens_seen"] for r in records if "tokens_seen" in r), default=None),
-        "time": max((r["time"] for r in records if "time" in r), default=None),
+        "time": wall_time(records),
     }
 
 

@@ -209,4 +209,4 @@ def sample_text(model, params, tokenizer, sample_cfg, max_new_tokens: int = 100)
         )[0]
     except UserError as e:  # e.g. a prompt longer than the context: the run itself is fine
         return f"(no sample: {e})"
-    return prompt + tokenizer.decode(new)
+    return prompt + tokenizer.decode_after(ids, new)  # as `lmjax sample` prints it

@@ -16,6 +16,8 @@ from lmjax.data import vocab_tokenizers
 from lmjax.data.tokenizer_base import EOT, META, Tokenizer
 from lmjax.errors import UserError
 
+DEFAULT_BPE_VOCAB = 4096  # tokenizer.kind=bpe with tokenizer.vocab_size=0
+
 __all__ = ["EOT", "META", "ByteTokenizer", "HFTokenizer", "Tokenizer", "build_tokenizer", "load_tokenizer"]
 
 
@@ -133,7 +135,7 @@ def build_tokenizer(cfg, train_texts: Iterable[str]) -> Tokenizer:
     if kind == "byte":
         return ByteTokenizer()
     if kind == "bpe":
-        return train_bpe(train_texts, cfg.vocab_size or 4096)
+        return train_bpe(train_texts, cfg.vocab_size or DEFAULT_BPE_VOCAB)
     if kind == "hf":
         if not cfg.path:
             raise UserError(

@@ -3,13 +3,13 @@ finished, then print the table (and for a study, fit and plot)."""
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
+from lmjax import checks
 from lmjax import config as config_lib
 from lmjax.errors import UserError
+from lmjax.metrics import read_jsonl, wall_time
 from lmjax.study import grid as grid_lib
 from lmjax.study import sweep as sweep_lib
 
@@ -141,7 +141,7 @@ def cmd_study(args, overrides) -> int:
                 "steps": steps,
                 "d_model": p.values["model.d_model"],
                 "n_layers": p.values["model.n_layers"],
-                "time": _run_time(out / p.name),
+                "time": wall_time(read_jsonl(out / p.name / "metrics.jsonl")),
             }
         )
     if len(runs) < 3:
@@ -164,21 +164,13 @@ def cmd_study(args, overrides) -> int:
         "train_wall_s": sum(r["time"] or 0 for r in runs),
         "plots": [str(p) for p in plots],
     }
-    tmp = out / ".study.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, out / "study.json")
+    checks.write_json_atomic(out / "study.json", record)  # strict JSON: a fit that diverged is null
     print(format_study(runs, fits))
     print(
         f"wrote {out / 'study.json'} and {', '.join(str(p) for p in plots)}; "
         f"training wall time {record['train_wall_s']:.0f}s (this command {record['command_wall_s']:.0f}s)"
     )
     return 1 if failed or missing else 0
-
-
-def _run_time(run_dir: Path) -> float | None:
-    from lmjax.metrics import read_jsonl
-
-    return max((r["time"] for r in read_jsonl(run_dir / "metrics.jsonl") if "time" in r), default=None)
 
 
 def runs_table(directory: str) -> str | None:

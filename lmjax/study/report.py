@@ -8,13 +8,12 @@ held-out batches, the same for every point of a sweep of one experiment).
 from __future__ import annotations
 
 import difflib
-import json
 import math
 from pathlib import Path
 
 from lmjax.errors import UserError
-from lmjax.metrics import read_jsonl
-from lmjax.study.sweep import SPEC_FILE
+from lmjax.metrics import read_jsonl, wall_time
+from lmjax.study.sweep import SPEC_FILE, read_spec_file
 
 
 def is_sweep(directory: str | Path) -> bool:
@@ -27,7 +26,7 @@ def read_spec(out: str | Path) -> dict:
         raise UserError(
             f"{out} is not a sweep directory (no {SPEC_FILE}); pass the --out of `lmjax sweep` or `lmjax study`"
         )
-    return json.loads(path.read_text())
+    return read_spec_file(path)
 
 
 def final_heldout(run_dir: Path) -> tuple[int, float] | None:
@@ -62,7 +61,7 @@ def point_rows(out: str | Path) -> list[dict]:
                 "steps": done,
                 "planned": planned,
                 "heldout_loss": loss,
-                "time": max((r["time"] for r in records if "time" in r), default=None),
+                "time": wall_time(records),
             }
         )
     return sorted(rows, key=lambda r: (r["heldout_loss"] is None, r["heldout_loss"] or 0.0, r["run"]))

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 from lmjax.errors import UserError
+from lmjax.plan import vocab_size_without_data
 from lmjax.study.grid import Point
 
 WIDTH_PER_LAYER = 32  # d_model / n_layers
@@ -45,24 +46,6 @@ def size(s: int) -> Size:
     return Size(s, s, WIDTH_PER_LAYER * s, WIDTH_PER_LAYER * s // HEAD_DIM)
 
 
-def planning_vocab(cfg) -> int:
-    """The vocabulary size the FLOP count assumes, known before any data is read."""
-    from lmjax.data.tokenizers import ByteTokenizer
-
-    if cfg.model.vocab_size:
-        return cfg.model.vocab_size
-    if cfg.tokenizer.kind == "byte":
-        return ByteTokenizer.vocab_size
-    if cfg.tokenizer.kind in ("bpe", "char", "word") and cfg.tokenizer.vocab_size:
-        return cfg.tokenizer.vocab_size + (1 if cfg.tokenizer.kind != "bpe" else 0)
-    if cfg.tokenizer.kind == "bpe":
-        return 4096
-    raise UserError(
-        f"a study plans FLOPs before reading data: set model.vocab_size (or tokenizer.vocab_size) for the "
-        f"'{cfg.tokenizer.kind}' tokenizer"
-    )
-
-
 def counts(cfg, sz: Size) -> tuple[float, float]:
     """(N: matmul weights, FLOPs per trained token) of size `sz` in the experiment `cfg`."""
     from lmjax.flops import flops_per_token
@@ -70,7 +53,7 @@ def counts(cfg, sz: Size) -> tuple[float, float]:
 
     m = cfg.model.to_dict()
     m.update(n_layers=sz.n_layers, d_model=sz.d_model, n_heads=sz.n_heads)
-    model = TransformerConfig.from_config(_Section(m), planning_vocab(cfg), cfg.data.seq_len)
+    model = TransformerConfig.from_config(_Section(m), vocab_size_without_data(cfg)[0], cfg.data.seq_len)
     return flops_per_token(model, 0) / 6, flops_per_token(model, cfg.data.seq_len)
 
 

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmjax import checks
 from lmjax import config as config_lib
 from lmjax.errors import UserError
 from lmjax.study.grid import Point
@@ -99,7 +100,7 @@ def open_spec(
         **extra,
     }
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = read_spec_file(path)
         if old.get("kind") != kind:
             raise UserError(f"{out} holds a {old.get('kind')}, not a {kind} ({path}); choose another --out")
         saved = config_lib.from_json(json.dumps(old["base_config"]))
@@ -111,9 +112,16 @@ def open_spec(
             )
         spec["points"] = old.get("points", {})
     spec["points"].update({p.name: {"overrides": list(p.overrides), "values": p.values} for p in points})
-    tmp = path.with_name(f".{SPEC_FILE}.tmp")
-    tmp.write_text(json.dumps(spec, indent=2))
-    os.replace(tmp, path)
+    checks.write_json_atomic(path, spec)
+    return spec
+
+
+def read_spec_file(path: Path) -> dict:
+    """A sweep directory's record (sweep.json), or one line saying how to mend it."""
+    fix = "delete it and run the same sweep or study command again (finished runs are kept)"
+    spec = checks.read_json_object(path, "the sweep record", fix)
+    if not isinstance(spec.get("base_config"), dict):
+        raise UserError(f"the sweep record {path} has no base_config; {fix}")
     return spec
 
 

@@ -255,11 +255,11 @@ def _train(cfg, run_dir: Path, log: Callable[[str], None], stop_at: int | None) 
     end = min(cfg.train.steps, stop_at) if stop_at else cfg.train.steps
     if latest is not None and latest >= end:  # finished (or --stop-at already passed): no step to run
         ckpts.close()
-        why = f"train.steps={cfg.train.steps}" if end == cfg.train.steps else f"--stop-at {stop_at}"
-        say(
-            f"nothing to train: {run_dir} is at step {latest}, which reaches {why}; raise "
-            f"--config.train.steps to train further"
-        )
+        if end == cfg.train.steps:
+            why, fix = f"train.steps={cfg.train.steps}", "raise --config.train.steps"
+        else:
+            why, fix = f"--stop-at {stop_at}", "raise --stop-at or drop it"
+        say(f"nothing to train: {run_dir} is at step {latest}, which reaches {why}; {fix} to train further")
         return {"run_dir": str(run_dir), "start_step": latest, "step": latest}
     data: Data = main_process_first(lambda: prepare(cfg, run_dir, say), is_main)
     if latest is not None:
