@@ -64,6 +64,8 @@ class CheckpointWriteError(UserError):
 
 
 class Checkpoints:
+    """A run's Orbax checkpoints: async saves, keep-N by rename, restores onto any device layout."""
+
     def __init__(self, directory: str | Path, keep: int = 3, read_only: bool = False):
         self.directory = Path(directory).absolute()
         if read_only and not self.directory.is_dir():
@@ -103,12 +105,15 @@ class Checkpoints:
                 shutil.rmtree(child, ignore_errors=True)
 
     def all_steps(self) -> list[int]:
+        """Steps with a complete checkpoint, oldest first."""
         return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
         return self.manager.latest_step()
 
     def best_step(self) -> int | None:
+        """The step with the lowest held-out loss among those kept, or None."""
         return self.manager.best_step()
 
     def save(
@@ -204,6 +209,7 @@ class Checkpoints:
         return self._restore(step, state=params)["state"]["params"]
 
     def restore_config(self, step: int) -> dict:
+        """The config saved with checkpoint `step`."""
         return self._restore(step, config=ocp.args.JsonRestore())["config"]
 
     def restore_tokenizer(self, step: int) -> dict | None:

@@ -33,6 +33,7 @@ def check_int_flag(flag: str, value: int | None, low: int, high: int | None = No
 
 
 def check_float_flag(flag: str, value: float | None, note: str = "") -> None:
+    """A float flag, when given, is a finite number."""
     if value is not None and not math.isfinite(value):
         raise UserError(f"{flag} must be a finite number, got {value}{note}")
 
@@ -88,6 +89,7 @@ def check_experiment_text(path: Path) -> None:
 
 
 def check_checkpoint_flag(which: str) -> None:
+    """--checkpoint is latest, best or a step number."""
     if which in ("latest", "best"):
         return
     if not which.isdigit() or not which.isascii():
@@ -120,6 +122,7 @@ def read_json(path: Path, what: str, fix: str) -> Any:
 
 
 def read_json_object(path: Path, what: str, fix: str) -> dict:
+    """`path` parsed as a JSON object, or one line naming `what` and the `fix`."""
     data = read_json(path, what, fix)
     if not isinstance(data, dict):
         raise UserError(f"{what} {path} holds a JSON {type(data).__name__}, not an object; {fix}")

@@ -53,6 +53,7 @@ device_description_str: "{full_name}"
 
 
 def cuda_plugin_installed() -> bool:
+    """Whether JAX's CUDA plugin is installed (found without importing it or starting CUDA)."""
     import importlib.util
 
     return any(

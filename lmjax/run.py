@@ -50,6 +50,7 @@ class Run:
     init_state: Callable  # rng → a new global TrainState
 
     def abstract_state(self) -> TrainState:
+        """Shapes and dtypes of the TrainState, without computing it."""
         return jax.eval_shape(self.init_state, jax.random.PRNGKey(0))
 
     def new_state(self):
@@ -100,6 +101,7 @@ def build_run(cfg, run_dir: Path, vocab_size: int, parallel: Parallel | None = N
 
 
 def count_params(params) -> int:
+    """Number of parameters (array elements) in a pytree."""
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
@@ -172,6 +174,7 @@ def tokenizer_record(tokenizer: Tokenizer) -> dict:
 
 
 def check_tokenizer(ckpts: Checkpoints, step: int, tokenizer: Tokenizer, tokenizer_dir: Path) -> None:
+    """Refuse to resume with a tokenizer other than the one checkpoint `step` recorded."""
     saved = ckpts.restore_tokenizer(step)
     if saved is not None and saved.get("fingerprint") != tokenizer.fingerprint():
         raise UserError(

@@ -69,6 +69,7 @@ def check_vocab(tokenizer: Tokenizer, model_cfg) -> None:
 
 
 def prepare(cfg, run_dir: Path, log=print) -> Data:
+    """Corpus, the run's tokenizer and both token splits for training, each long enough for a window."""
     corpus = load_corpus(cfg.data)
     tok = tokenizer_for_run(cfg, run_dir, corpus)
     check_vocab(tok, cfg.model)

@@ -57,6 +57,7 @@ def cache_root(data_cfg) -> Path:
 
 
 def cache_key(dataset_fingerprint: str, tokenizer: Tokenizer) -> str:
+    """The cache entry's name: a hash of the text's fingerprint, the tokenizer and the format version."""
     blob = json.dumps({"v": CACHE_VERSION, "dataset": dataset_fingerprint, "tokenizer": tokenizer.fingerprint()})
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -151,6 +152,7 @@ def _pack(batches, eot_id: int, vocab_size: int, out_dir: Path) -> int:
 
 
 def load_split(directory: Path) -> TokenSplit:
+    """A finished cache entry, memory-mapped."""
     return TokenSplit(
         tokens=np.load(directory / "tokens.npy", mmap_mode="r", allow_pickle=False),
         doc_starts=np.load(directory / "doc_starts.npy", allow_pickle=False),
@@ -159,6 +161,7 @@ def load_split(directory: Path) -> TokenSplit:
 
 
 def is_complete(directory: Path) -> bool:
+    """Whether a cache entry was finished (meta.json is written last)."""
     return (directory / "meta.json").is_file()
 
 

@@ -97,6 +97,7 @@ def _train(args, overrides, base, points, kind: str, columns: list[str], extra: 
 
 
 def parse_budgets(text: str) -> list[float]:
+    """--budgets C1,C2,... as positive FLOP counts."""
     budgets = []
     for part in text.split(","):
         try:

@@ -17,6 +17,7 @@ from lmjax.study.sweep import SPEC_FILE, read_spec_file
 
 
 def is_sweep(directory: str | Path) -> bool:
+    """Whether `directory` was made by `lmjax sweep` or `lmjax study`."""
     return (Path(directory) / SPEC_FILE).is_file()
 
 
