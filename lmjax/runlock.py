@@ -51,11 +51,13 @@ def _describe(holder: dict) -> str:
 
 
 class RunLock:
-    """Context manager: hold RUN_DIR/.lock or raise UserError naming the holder."""
+    """Context manager: hold RUN_DIR/.lock or raise UserError naming the holder. The same lock
+    guards a sweep directory (`name`, `what`, `user` and `flag`: the file, the directory, the
+    holder and the flag to change)."""
 
-    def __init__(self, run_dir: Path, say=print):
-        self.path = Path(run_dir) / LOCK_NAME
-        self.say = say
+    def __init__(self, run_dir: Path, say=print, name=LOCK_NAME, what="run", user="`lmjax train`", flag="--workdir"):
+        self.path = Path(run_dir) / name
+        self.say, self.what, self.user, self.flag = say, what, user, flag
         self.fd: int | None = None
 
     def __enter__(self) -> RunLock:
@@ -83,11 +85,11 @@ class RunLock:
         else:
             raise UserError(
                 f"could not take the lock {self.path}: it keeps being replaced; is another "
-                "`lmjax train` starting in this --workdir?"
+                f"{self.user} starting in this {self.flag}?"
             )
         previous = _holder(self.path)
         if previous.get("pid") and previous.get("pid") != os.getpid():
-            self.say(f"run directory lock: took over a stale lock of {_describe(previous)} (no longer running)")
+            self.say(f"{self.path}: took over a stale lock of {_describe(previous)} (no longer running)")
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, (json.dumps(record) + "\n").encode(), 0)
@@ -95,8 +97,8 @@ class RunLock:
 
     def _held(self, holder: dict) -> UserError:
         return UserError(
-            f"the run directory {self.path.parent} is in use by another `lmjax train` ({_describe(holder)}); "
-            f"wait for it to finish or stop it, or choose another --workdir (if that process is gone, "
+            f"the {self.what} directory {self.path.parent} is in use by another {self.user} ({_describe(holder)}); "
+            f"wait for it to finish or stop it, or choose another {self.flag} (if that process is gone, "
             f"delete {self.path})"
         )
 

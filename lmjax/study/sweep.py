@@ -10,12 +10,10 @@ from their latest checkpoint, so a killed sweep loses only the steps since each 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +23,7 @@ from pathlib import Path
 from lmjax import checks
 from lmjax import config as config_lib
 from lmjax.errors import UserError
+from lmjax.runlock import RunLock
 from lmjax.study.grid import Point
 
 SPEC_FILE = "sweep.json"
@@ -37,52 +36,13 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
-class SweepLock:
-    """Exclusive use of a sweep directory. `fcntl.flock` is released by the kernel when its process
-    ends, even by kill -9, so a lock left behind is recognised as stale; the file names the holder."""
+class SweepLock(RunLock):
+    """Exclusive use of a sweep directory: lmjax.runlock's lock (flock, the holder named, a dead
+    holder's lock taken over), as sweep.lock."""
 
     def __init__(self, out: Path, log=say):
-        self.path = Path(out) / LOCK_FILE
-        self.log = log
-        self.fd = None
-
-    def __enter__(self) -> SweepLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            who = f"PID {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
-            raise UserError(
-                f"{self.path.parent} is in use by another sweep ({who}); wait for it to end, or choose another --out"
-            ) from None
-        earlier = _read_holder(fd)
-        if earlier:
-            self.log(
-                f"{self.path}: taking over the lock of PID {earlier.get('pid')} on {earlier.get('host')}, "
-                "which ended without releasing it"
-            )
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)  # an empty lock file is a released one
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-
-def _read_holder(fd: int) -> dict:
-    try:
-        return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-    except ValueError:
-        return {}
+        Path(out).mkdir(parents=True, exist_ok=True)
+        super().__init__(out, log, name=LOCK_FILE, what="sweep", user="sweep", flag="--out")
 
 
 def open_spec(
