@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import logging
 import os
 import sysconfig
 from contextlib import contextmanager
@@ -71,15 +70,17 @@ def _load(builder: str, data_files, where: str, **kwargs):
 
 
 @contextmanager
-def _quiet(logger: str):
-    """Only errors from `logger` and its children while inside."""
-    log = logging.getLogger(logger)
-    level = log.level
-    log.setLevel(logging.ERROR)
+def _hub_errors_only():
+    """huggingface_hub's public verbosity switch at errors while inside: offline, it warns once per
+    retry (about 20 lines) before the error lmjax turns into one line."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
     try:
         yield
     finally:
-        log.setLevel(level)
+        hub_logging.set_verbosity(level)
 
 
 def _resolve_files(spec: str, key: str) -> list[str]:
@@ -211,7 +212,7 @@ def load_corpus(data) -> Corpus:
                 )
             datasets.disable_progress_bars()
             try:
-                with _quiet("huggingface_hub"):  # offline: a warning per retry (~20 lines) before the error
+                with _hub_errors_only():
                     ds = datasets.load_dataset(data.hub_name, data.hub_config or None)
             except (ConnectionError, FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
                 first_line = str(e).splitlines()[0][:200] if str(e) else ""
