@@ -215,6 +215,19 @@ def test_the_fits_recover_a_known_law_within_their_own_intervals():
     assert all(n >= len(seeds) - 1 for n in covered.values()), covered
 
 
+def test_a_nearly_straight_isoflop_profile_has_no_minimum():
+    """A bootstrap resample of the real stdlib study drew such a profile: its vertex lay e^1000 away
+    and the fit died of an OverflowError after all the training (mutation: drop the span check)."""
+    n = [1e4, 1e5, 1e6, 1e6]
+    log_n = np.log(n)
+    straight = 3.0 - 0.1 * log_n + 1e-6 * (log_n - log_n.mean()) ** 2
+    assert fit.isoflop_vertex(n, straight) is None
+    runs = [{"budget": 1e12, "N": a, "D": 1e12 / (6 * a), "C": 1e12, "loss": b} for a, b in zip(n, straight)]
+    assert fit.isoflop_minima(runs)[0]["N_opt"] is None
+    curved = 3.0 + 0.1 * (log_n - np.log(3e5)) ** 2
+    assert fit.isoflop_vertex(n, curved)["log_n_opt"] == pytest.approx(np.log(3e5))
+
+
 def test_the_study_plan_matches_budgets_and_refuses_ones_too_small(corpus_dir):
     base = tiny_config(corpus_dir, **{"train.steps": 100, "optim.warmup_steps": 10})
     planned = scaling.plan(base, [3e10, 3e13], per_budget=3)

@@ -27,7 +27,9 @@ STARTS = list(
 
 
 def isoflop_vertex(n, loss) -> dict | None:
-    """The minimum of a parabola of `loss` in log `n` (None when it opens downwards)."""
+    """The minimum of a parabola of `loss` in log `n`; None when it opens downwards or its vertex
+    lies more than the sizes' own span (in log N) beyond them: a nearly straight profile (a
+    bootstrap resample can draw one) has no minimum that the sizes tried can locate."""
     x = np.log(np.asarray(n, float))
     if len(set(x.tolist())) < 3:
         return None
@@ -35,6 +37,9 @@ def isoflop_vertex(n, loss) -> dict | None:
     if c2 <= 0:
         return None
     vertex = -c1 / (2 * c2)
+    span = x.max() - x.min()
+    if not x.min() - span <= vertex <= x.max() + span:
+        return None
     return {
         "log_n_opt": float(vertex),
         "loss_opt": float(c0 - c1 * c1 / (4 * c2)),
@@ -105,9 +110,9 @@ def parametric_fit(n, d, loss, starts=STARTS, delta: float = HUBER_DELTA, refine
             best = res
     a, b, e, alpha, beta = best.x
     return {
-        "E": math.exp(e),
-        "A": math.exp(a),
-        "B": math.exp(b),
+        "E": _exp(e),
+        "A": _exp(a),
+        "B": _exp(b),
         "alpha": float(alpha),
         "beta": float(beta),
         "a": float(beta / (alpha + beta)),
@@ -115,6 +120,11 @@ def parametric_fit(n, d, loss, starts=STARTS, delta: float = HUBER_DELTA, refine
         "objective": float(best.fun),
         "theta": [float(t) for t in best.x],
     }
+
+
+def _exp(x: float) -> float:
+    """exp, with inf where a diverged fit's parameter overflows (written as null in study.json)."""
+    return math.exp(x) if x < 709 else math.inf
 
 
 def predict(law: dict, n, d):
