@@ -63,7 +63,7 @@ def test_json_round_trip_and_resume_differences():
     assert back.to_dict() == cfg.to_dict()
     changed = config_lib.from_json(config_lib.to_json(cfg))
     changed.train.steps = 99
-    changed.model.d_model = 64
+    changed.model.d_model = 96
     refused, allowed = config_lib.resume_differences(cfg, changed)
     assert [r.split(":")[0] for r in refused] == ["model.d_model"]
     assert [a.split(":")[0] for a in allowed] == ["train.steps"]

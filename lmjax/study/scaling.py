@@ -3,7 +3,7 @@
 The size rule. One integer s sets the shape: n_layers = s, d_model = 32·s, n_heads = s (heads of
 32 dimensions): a fixed aspect ratio d_model / n_layers = 32, so the parameter count grows as s³
 and neighbouring sizes differ by 1.3-3.4x in N. Every other model key (MLP kind and ratio,
-norms, positions, vocabulary) is the experiment's; s = 4 is the default experiment's shape.
+norms, positions, vocabulary) is the experiment's; s = 2 is the default experiment's shape.
 
 N is the count of weights used in matmuls (flops.py: flops_per_token at seq_len 0, over 6),
 D the tokens trained on, C = flops_per_token(model, seq_len) · D as in flops.py (6·N·D plus
