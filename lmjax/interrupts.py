@@ -27,6 +27,7 @@ STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 received: list[int] = []  # signals _raise has seen in this process, for errors that hide the Interrupted
 _deferring = [False]
+_answering = [False]  # inside raise_on_signals: a command that answers signals is running
 
 
 def _raise(signum, frame):
@@ -39,7 +40,7 @@ def raise_if_received() -> None:
     """Raise the Interrupted that was lost: one raised while Python ran a callback of its own (a
     gc callback such as JAX's, a __del__) is printed and dropped, and the command would carry on.
     Commands call this before they commit anything (a report, a directory) and as they end."""
-    if received and not _deferring[0]:
+    if received and _answering[0] and not _deferring[0]:
         raise Interrupted(received[-1])
 
 
@@ -71,9 +72,11 @@ def raise_on_signals():
             pass
     if old:  # delivered now if one arrived while held across a re-execution (signals_held)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    _answering[0] = True
     try:
         yield
     finally:
+        _answering[0] = False  # library callers of the writers after a command never see its signals
         for sig, handler in old.items():
             signal.signal(sig, handler)
 

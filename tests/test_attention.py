@@ -188,11 +188,14 @@ def test_the_model_traces_the_implementation_chosen_for_its_device(monkeypatch, 
     model = tiny_model(attention=attention_setting)
     tokens = jnp.zeros((1, 128 if device.platform == "tpu" else 16), jnp.int32)
     with attention.compiling_for(device):
+        params = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)
+        assert taken == ["xla"] * 2  # init: parameters do not depend on the kernel
+        taken.clear()
         if expected is None:  # float32 on cuDNN: refused when the model is traced, naming the key
             with pytest.raises(UserError, match="model.attention=cudnn"):
-                jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)
+                jax.eval_shape(model.apply, params, tokens)
             return
-        jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)
+        jax.eval_shape(model.apply, params, tokens)
     assert taken == [expected] * 2  # one per layer
 
 
