@@ -1,6 +1,6 @@
 """Does lmjax's scratch shim (lmjax.scratch_cache) still beat a stock allocator told to keep memory?
 
-Times the real train step of the default experiment's shape (scripts/bench_train.py's worker)
+Times the real train step of bench_train.py's 'medium' shape (4 x 128: 100 MiB of scratch a step)
 under each allocator setting in turn, the settings alternating round by round so that drifting
 load on a shared machine hits them alike, and prints the median step time of each as a ratio
 to the shim's, with page faults per step and peak RSS:
@@ -57,7 +57,7 @@ def timed(env: dict[str, str], steps: int) -> dict:
         for k in saved:
             os.environ.pop(k, None)
         os.environ.update(env)
-        return run_worker(["default", "--steps", str(steps)])
+        return run_worker(["medium", "--steps", str(steps)])
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None)
@@ -76,7 +76,7 @@ def main():
     if "jemalloc" not in settings():
         print("jemalloc: libjemalloc.so.2 not found (apt-get install libjemalloc2); timing the others")
     print(
-        f"default experiment's train step, {a.steps} steps per run, {a.rounds} alternating rounds, "
+        f"'medium' train step (4 x 128), {a.steps} steps per run, {a.rounds} alternating rounds, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )

@@ -43,8 +43,10 @@ REFERENCE = {
     "small": ({"n_layers": 6, "n_heads": 6, "d_model": 384}, 256, 16, 257),
     "default": None,
 }
-# Not in the default set: 'small' with LLaMA's options (--only small_llama).
+# Not in the default set: 'small' with LLaMA's options (--only small_llama), and 'medium', the
+# default experiment's shape before 2026-12-02 (the README's older "default" figures; 100 MiB of scratch).
 EXTRA = {
+    "medium": ({"n_layers": 4, "n_heads": 4, "d_model": 128}, 128, 16, 257),
     "small_llama": (
         {
             "n_layers": 6,

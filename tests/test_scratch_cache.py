@@ -94,11 +94,11 @@ def test_reexecutes_once_with_the_library_and_keeps_it_from_children():
 
 @pytest.mark.slow
 def test_train_step_stops_faulting_in_its_scratch_memory():
-    """The real train step of the default experiment's shape (100 MiB of scratch), with and without."""
+    """The real train step of bench_train's 'medium' shape (100 MiB of scratch), with and without."""
     runs = {}
     for setting in ("1", "0"):
         r = subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--worker", "default", "--steps", "12"],
+            [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--worker", "medium", "--steps", "12"],
             env={**os.environ, "LMJAX_SCRATCH_CACHE": setting, "PYTHONPATH": str(ROOT)},
             capture_output=True,
             text=True,
@@ -113,4 +113,6 @@ def test_train_step_stops_faulting_in_its_scratch_memory():
     # that for up to a third of the steps (measured: 0 to 2 of 20 on a loaded 2-core machine).
     assert on["faults_per_step"] < off["faults_per_step"] / 3
     assert on["first_loss"] == off["first_loss"]
-    assert on["peak_rss_gib"] < off["peak_rss_gib"] + 0.1  # one 100 MiB block per size stays mapped, not more
+    # At most one idle block per size stays mapped; a step that asks for its scratch before the previous
+    # one freed it (above) holds a second 100 MiB block at the peak: 0.11-0.13 GiB over glibc's here.
+    assert on["peak_rss_gib"] < off["peak_rss_gib"] + 0.2

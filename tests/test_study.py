@@ -157,7 +157,7 @@ def test_a_sweep_killed_with_sigkill_resumes_and_retrains_nothing_finished(tmp_p
 
     again = run_cli(grid_args)  # in this process, one after another
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "taking over the lock" in again.stdout
+    assert "took over a stale lock" in again.stdout
     assert "2 points; 1 finished (skipped), 1 to resume, 0 new" in again.stdout
     assert _files(done) == before  # not retrained, not rewritten
     assert f"resuming from checkpoint at step {killed_at}" in (long / sweep.LOG_FILE).read_text()
