@@ -98,14 +98,14 @@ def cmd_eval(args, overrides) -> int:
 
 def cmd_sample(args, overrides) -> int:
     from lmjax.run import load_run
-    from lmjax.sample import check_sampling, cut_at_stop, generate
+    from lmjax.sample import check_sampling, context_length, cut_at_stop, generate, prompt_ids
 
     if not args.greedy:
         check_sampling(args.temperature, args.top_k, args.top_p)
     cfg, run, params, tok, step = load_run(args.run_dir, args.checkpoint)
     prompts = args.prompt or [cfg.sample.prompt or "\n"]
-    ids = [tok.encode(p) or [tok.eot_id] for p in prompts]
-    max_len = getattr(run.model.cfg, "max_len", None) if cfg.model.kind == "transformer" else None
+    ids = [prompt_ids(tok, p) for p in prompts]
+    max_len = context_length(run.model)
     max_new = checks.new_tokens_within_context(args.max_new_tokens, max(map(len, ids)), max_len)
     outs = generate(
         run.model,
@@ -121,8 +121,8 @@ def cmd_sample(args, overrides) -> int:
         max_len=max_len,
     )
     raise_if_received()  # a stop during generation prints no samples
-    for prompt, prompt_ids, new in zip(prompts, ids, outs):
-        text = cut_at_stop(tok.decode_after(prompt_ids, new), args.stop or [])
+    for prompt, ids_of_prompt, new in zip(prompts, ids, outs):
+        text = cut_at_stop(tok.decode_after(ids_of_prompt, new), args.stop or [])
         print(f"--- sample from {args.run_dir} at step {step} ---")
         print(prompt + text)
     return 0

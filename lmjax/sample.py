@@ -189,11 +189,21 @@ def greedy_without_cache(model, params, tokens_BxL, prompt_lens_B):
     return jax.lax.fori_loop(jnp.min(prompt_lens_B), tokens_BxL.shape[1], body, tokens_BxL)
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A prompt's token ids; the end-of-text id for an empty one (generation needs a first token)."""
+    return tokenizer.encode(prompt) or [tokenizer.eot_id]
+
+
+def context_length(model) -> int | None:
+    """The most tokens the model attends to (a Transformer's max_len); None for the LSTM."""
+    return getattr(getattr(model, "cfg", None), "max_len", None)
+
+
 def sample_text(model, params, tokenizer, sample_cfg, max_new_tokens: int = 100) -> str:
     """A short sample (prompt + continuation) for the logs, with the config's `sample` settings."""
     prompt = sample_cfg.prompt or "\n"
-    ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
-    max_len = getattr(getattr(model, "cfg", None), "max_len", None)
+    ids = prompt_ids(tokenizer, prompt)
+    max_len = context_length(model)
     try:
         new = generate(
             model,
