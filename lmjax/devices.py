@@ -74,7 +74,8 @@ def gpu_devices(name: str, count: int) -> list:
         )
     except (jax.errors.JaxRuntimeError, NotImplementedError, RuntimeError) as e:
         raise UserError(
-            f"compiling for a {name} without one failed ({str(e).splitlines()[0]}); "
-            "plan on simulated CPU devices with --compiler cpu"
+            f"compiling for a {name} without one failed ({str(e).splitlines()[0]}); it needs the CUDA "
+            "plugin (bash scripts/setup_gpu_compile.sh, then PYTHONPATH=.gpu-compile), "
+            "or plan on simulated CPU devices with --compiler cpu"
         ) from None
     return list(topology.devices)

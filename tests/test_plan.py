@@ -38,8 +38,17 @@ SHAPE = [
 ]
 
 
+# The CUDA plugin and cuDNN, installed beside .venv by scripts/setup_gpu_compile.sh (scripts/test.sh runs it).
+GPU_COMPILE = ROOT / ".gpu-compile"
+can_compile_for_gpu = pytest.mark.skipif(
+    not (GPU_COMPILE / "jax_plugins" / "xla_cuda12").is_dir() and not cuda_plugin_installed(),
+    reason="needs the CUDA plugin and cuDNN: bash scripts/setup_gpu_compile.sh (no GPU needed)",
+)
+
+
 def plan_cli(*args):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    path = [str(ROOT), str(GPU_COMPILE) if GPU_COMPILE.is_dir() else None, os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
     return subprocess.run(
         [sys.executable, "-m", "lmjax.cli", "plan", *args],
         capture_output=True,
@@ -132,10 +141,7 @@ def test_vocabulary_without_data():
     assert vocab_size_without_data(c) == (300, "model.vocab_size")
 
 
-@pytest.mark.skipif(
-    not cuda_plugin_installed(),
-    reason="needs the CUDA plugin (jax-cuda12-plugin); no GPU needed",
-)
+@can_compile_for_gpu
 def test_compiles_for_a_gpu_without_one(tmp_path):
     out = tmp_path / "plan.json"
     r = plan_cli(TINY, "--device", "H100-80G", "--devices", "2", *SHAPE, "--json", str(out))
@@ -147,3 +153,26 @@ def test_compiles_for_a_gpu_without_one(tmp_path):
     assert "XLA's GPU compiler" in r.stdout
     # Traced for the GPU, not for the CPU present: float32 keeps cuDNN out, so XLA's attention.
     assert "attention: xla on gpu (NVIDIA H100 80GB HBM3): cudnn cannot run: it takes bfloat16" in r.stdout
+
+
+@can_compile_for_gpu
+def test_the_gpu_program_with_fused_attention_compiles_and_its_memory_grows_linearly(tmp_path):
+    """cuDNN's fused attention in the train step compiled for an H100 without one: the step's
+    temporaries grow about linearly with data.seq_len, where XLA's attention keeps the T x T
+    probabilities for the backward pass (measured: 12.7 -> 39.6 MiB cuDNN, 527.5 MiB XLA at 2048)."""
+
+    def plan(attention: str, seq_len: int, taken: str) -> dict:
+        out = tmp_path / f"{attention}-{seq_len}.json"
+        r = plan_cli(
+            TINY, "--device", "H100-80G", "--devices", "1", "--json", str(out),
+            "--config.model.dtype=bfloat16", "--config.model.n_heads=2", "--config.train.batch_size=4",
+            f"--config.model.attention={attention}", f"--config.data.seq_len={seq_len}",
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert f"attention: {taken} on gpu (NVIDIA H100 80GB HBM3)" in r.stdout, r.stdout
+        return json.loads(out.read_text())
+
+    short, long = plan("auto", 512, taken="cudnn"), plan("cudnn", 2048, taken="cudnn")
+    assert long["platform"] == "gpu" and long["device_kind"] == "NVIDIA H100 80GB HBM3"
+    assert long["temp_bytes"] < 4.5 * short["temp_bytes"]  # 4x the tokens: linear, not 16x
+    assert plan("xla", 2048, taken="xla")["temp_bytes"] > 5 * long["temp_bytes"]  # the T x T probabilities
