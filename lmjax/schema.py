@@ -60,7 +60,7 @@ def base_config() -> ConfigDict:
     c.data.document_mask = False  # attention and positions restart at document boundaries
     c.data.stream = False  # eval: treat the held-out set as one stream, not documents
     c.data.cache_dir = ""  # '' = $LMJAX_CACHE or ~/.cache/lmjax
-    c.data.num_proc = 1  # tokenization processes
+    c.data.num_proc = 1  # cores for tokenizing: tiktoken's threads, else processes (HF: Rayon's own threads)
     c.data.max_documents = 0  # 0 = all; caps each split (for quick experiments)
 
     c.tokenizer = ConfigDict()

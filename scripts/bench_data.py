@@ -4,7 +4,8 @@
    byte, char, word, bpe (trained here on part of the corpus), and tiktoken with --tiktoken FILE.
 2. Tokenize-and-pack: lmjax's token cache build (build_or_load) against the libraries' own
    batch encoding (HF tokenizers encode_batch_fast, tiktoken encode_ordinary_batch) on the same
-   text and vocabulary, on one core and on two (data.num_proc=2 against two library threads),
+   text and vocabulary, on one core and on two (data.num_proc=2: lmjax gives these tokenizers
+   two threads in one process, as the library gets; RAYON_NUM_THREADS for HF's),
    with the build's peak RSS; then the peak RSS of a larger build (byte tokenizer).
 3. Training step time of the default experiment's model (experiments/default.py) fed by the
    real pipeline (TrainBatches + Prefetcher + put_batch) against one synthetic batch of the
@@ -167,7 +168,7 @@ def measure(spec: dict) -> dict:
 
     env = {
         **os.environ,
-        "RAYON_NUM_THREADS": str(spec["procs"] if spec["side"] == "library" else 1),
+        "RAYON_NUM_THREADS": str(spec["procs"]),  # HF tokenizers' threads, on both sides
         "TOKENIZERS_PARALLELISM": "true",
         "HF_DATASETS_OFFLINE": "1",
     }
@@ -223,23 +224,6 @@ def bench_pack(texts: list[str], bpe_train_mb: float, rounds: int, rss_mb: float
                 f"  {kind:10}{procs:>6}{best['library']:>10.2f}{best['lmjax']:>9.2f}"
                 f"{best['library'] / best['lmjax']:>15.2f}{rss:>27}"
             )
-    datasets.Dataset.from_dict({"text": texts[:1]}).save_to_disk(str(tmp / "one"))
-    start = min(
-        measure(
-            {
-                "side": "lmjax",
-                "procs": 2,
-                "dataset": str(tmp / "one"),
-                "tokenizer": str(tmp / "bpe"),
-                "cache_dir": str(tmp / f"cacheone{r}"),
-            }
-        )["seconds"]
-        for r in range(rounds)
-    )
-    print(
-        f"  data.num_proc=2 starts its worker processes in {start:.2f} s (a build of one document), a cost "
-        "paid once per split whatever its size"
-    )
     for procs in (1, 2):
         fastest = max(rates["bpe", procs]["library"], rates["tiktoken", procs]["library"])
         ratios = ", ".join(f"{k} {fastest / rates[k, procs]['lmjax']:.2f}x" for k in ("bpe", "tiktoken"))

@@ -270,13 +270,33 @@ def test_text_fingerprint_follows_the_text_not_how_it_is_stored():
     assert len({fp(d) for d in others}) == len(others)
 
 
-def test_parallel_tokenization_gives_the_same_cache(tmp_path):
-    import datasets
+@pytest.mark.parametrize("kind", ["word", "bpe", "tiktoken"])
+def test_parallel_tokenization_gives_the_same_cache(tmp_path, monkeypatch, kind):
+    """num_proc=2: worker processes for a Python tokenizer (word), native threads in this
+    process for the ones that encode in threads (HF tokenizers, tiktoken): same cache either way."""
+    import multiprocessing
 
+    import datasets
+    from test_tokenizers import write_tiktoken_file
+
+    from lmjax.data.tokenizers import train_bpe
+    from lmjax.data.vocab_tokenizers import TiktokenTokenizer
+
+    text = "".join(DOCS)
+    tok = {
+        "word": lambda: WordTokenizer.train(DOCS),
+        "bpe": lambda: train_bpe(DOCS, 300),
+        "tiktoken": lambda: TiktokenTokenizer(write_tiktoken_file(tmp_path / "enc.tiktoken", text, 280)),
+    }[kind]()
+    assert tok.encodes_in_threads == (kind != "word")
+    started = []
+    get_context = multiprocessing.get_context
+    monkeypatch.setattr(multiprocessing, "get_context", lambda *a: started.append(a) or get_context(*a))
     ds = datasets.Dataset.from_dict({"text": DOCS * 4})
-    tok = WordTokenizer.train(DOCS)
     one = build_or_load({"x": ds}, tok, data_cfg(cache_dir=str(tmp_path / "a"), num_proc=1), log=lambda *_: None)["x"]
+    assert not started
     two = build_or_load({"x": ds}, tok, data_cfg(cache_dir=str(tmp_path / "b"), num_proc=2), log=lambda *_: None)["x"]
+    assert bool(started) == (kind == "word")  # threads: no worker processes to start
     np.testing.assert_array_equal(one.tokens, two.tokens)
     np.testing.assert_array_equal(one.doc_starts, two.doc_starts)
     assert not list((tmp_path / "b").glob("*/*.arrow"))  # intermediate files removed

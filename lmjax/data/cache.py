@@ -69,11 +69,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
 BATCH_DOCUMENTS = 256  # documents encoded per call of the tokenizer's encode_batch
 
 
-def _encode(tokenizer: Tokenizer, texts: list) -> tuple[list[np.ndarray], np.ndarray]:
+def _encode(tokenizer: Tokenizer, texts: list, threads: int = 1) -> tuple[list[np.ndarray], np.ndarray]:
     """A batch of texts → (int32 ids of each, int64 UTF-8 bytes of each); None is an empty document."""
     texts = [t or "" for t in texts]
     return (
-        [np.asarray(ids, np.int32) for ids in tokenizer.encode_batch(texts)],
+        [np.asarray(ids, np.int32) for ids in tokenizer.encode_batch(texts, threads)],
         np.array([len(t.encode("utf-8")) for t in texts], np.int64),
     )
 
@@ -93,16 +93,19 @@ def _encode_in_worker(texts: list):
 def _tokenize(ds, tokenizer: Tokenizer, num_proc: int):
     """The encoded batches of `ds` in order, as `_encode` gives them.
 
+    A tokenizer that encodes in native threads (tiktoken, HF tokenizers) gets num_proc threads
+    in this process: no worker start-up, no texts and ids copied between processes. Otherwise
     num_proc > 1 encodes in that many worker processes, started by spawn, not fork (a child
     forked from a process whose JAX runtime threads are running can deadlock), with at most
     two batches per worker in flight: memory stays bounded whatever the corpus size.
     """
+    in_process = num_proc <= 1 or tokenizer.encodes_in_threads
     # Several workers need several batches each, or one of them does all the work.
-    size = BATCH_DOCUMENTS if num_proc <= 1 else max(1, min(BATCH_DOCUMENTS, len(ds) // (8 * num_proc)))
+    size = BATCH_DOCUMENTS if in_process else max(1, min(BATCH_DOCUMENTS, len(ds) // (8 * num_proc)))
     batches = (b["text"] for b in ds.iter(batch_size=size))
-    if num_proc <= 1:
+    if in_process:
         for texts in batches:
-            yield _encode(tokenizer, texts)
+            yield _encode(tokenizer, texts, num_proc)
         return
     import collections
     import multiprocessing

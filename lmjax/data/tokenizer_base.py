@@ -23,12 +23,15 @@ class Tokenizer:
     kind: str
     vocab_size: int
     eot_id: int
+    # Whether encode_batch runs on several cores by itself (native threads that release the GIL):
+    # then data.num_proc means threads in one process, not worker processes.
+    encodes_in_threads = False
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
-    def encode_batch(self, texts: Sequence[str]) -> list[Sequence[int]]:
-        """The ids of each text, as lists or int32 arrays."""
+    def encode_batch(self, texts: Sequence[str], threads: int = 1) -> list[Sequence[int]]:
+        """The ids of each text, as lists or int32 arrays (`threads`: see encodes_in_threads)."""
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -31,7 +31,7 @@ class ByteTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    def encode_batch(self, texts: Sequence[str], threads: int = 1) -> list[np.ndarray]:
         return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.int32) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -62,7 +62,10 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text).ids
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    # The batch is encoded on Rayon's threads: all cores, or RAYON_NUM_THREADS (set before the first use).
+    encodes_in_threads = True
+
+    def encode_batch(self, texts: Sequence[str], threads: int = 1) -> list[list[int]]:
         # encode_batch_fast: the same ids without the character offsets, which cost about a third.
         fast = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
         return [e.ids for e in fast(list(texts))]

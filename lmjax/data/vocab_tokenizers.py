@@ -74,7 +74,7 @@ class CharTokenizer(Tokenizer):
         at = np.minimum(np.searchsorted(self._sorted_points, points), len(self._sorted_points) - 1)
         return np.where(self._sorted_points[at] == points, self._sorted_ids[at], self.unk_id).astype(np.int32)
 
-    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    def encode_batch(self, texts: Sequence[str], threads: int = 1) -> list[np.ndarray]:
         return [self.encode_array(t) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -202,8 +202,10 @@ class TiktokenTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)  # '<|endoftext|>' in a text is text, not the token
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.enc.encode_ordinary_batch(list(texts), num_threads=1)
+    encodes_in_threads = True
+
+    def encode_batch(self, texts: Sequence[str], threads: int = 1) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(list(texts), num_threads=threads)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.enc.decode([i for i in ids if i != self.eot_id])
