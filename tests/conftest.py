@@ -25,6 +25,28 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
+def machine_description() -> str:
+    """The CPU the tests run on and the vector instructions that change numerics: XLA and the
+    BLAS libraries pick their kernels by them (CI machines differ from the one tests were written on)."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags]
+    return f"{model}, {os.cpu_count()} CPUs, {' '.join(isa) or 'no AVX2'}"
+
+
+def pytest_report_header(config):
+    return f"machine: {machine_description()}"
+
+
 def pytest_unconfigure(config):
     if OWN_JAX_CACHE:
         shutil.rmtree(OWN_JAX_CACHE, ignore_errors=True)
