@@ -14,9 +14,12 @@ run point it at a large corpus, e.g. a local copy in parquet/jsonl:
     lmjax train experiments/gpt2_small.py --config.data.source=files \
         --config.data.format=parquet --config.data.paths='/data/fineweb/*.parquet'
 or use GPT-2's own encoding with tokenizer.kind='tiktoken', tokenizer.path=r50k_base.tiktoken.
-Memory: micro-batches of 32 x 1024 (train.grad_accum=2), estimated (not measured) at
-~60 GB without remat, mostly attention probabilities and the 50257-wide logits; on a
-smaller GPU raise train.grad_accum or set model.remat='dots_with_no_batch_dims_saveable'.
+Memory: micro-batches of 32 x 1024 (train.grad_accum=2). `lmjax plan`, compiled by XLA's GPU
+compiler for an H100 without one (scripts/setup_gpu_compile.sh): peak 36.4 GiB per device on one
+GPU with cuDNN's fused attention (model.attention=auto), 52.0 GiB with XLA's attention (the
+T x T probabilities), 6.3 GiB on 8 GPUs (data=8); most of the rest is the 50257-wide logits
+and 12 layers of activations. On a smaller GPU raise train.grad_accum or set
+model.remat='dots_with_no_batch_dims_saveable'.
 What it reaches: not yet run (no GPU in the session that wrote it). For scale, nanoGPT
 reports about 2.85 held-out loss for this shape on OpenWebText after ~300B tokens.
 """
