@@ -22,10 +22,11 @@ from lmjax.models.transformer import Transformer, TransformerConfig
 
 # Max abs difference of logits (std ~1-4). Each side is also compared with a float64 NumPy
 # forward of the same parameters (`_reference_logits`), so a failure says which side moved,
-# and on which CPU: the old 2.1e-4 (commit 862c564) came from CI runs only, never on the AMD
-# EPYC (AVX2) machine the tests were written on, at any vector width XLA or torch was limited
-# to there (--xla_cpu_max_isa=AVX2/AVX/SSE4_2 x ATEN_CPU_CAPABILITY=avx2/default: 6.7e-6 to
-# 9.8e-6), so the CI machine's CPU is the suspect.
+# and on which CPU. Both sides compute float32 products in float32 (explicit precision): the
+# old unexplained 2.1e-4 (commit 862c564, CI runs only, never on the AVX2 machine the tests
+# were written on) has the size of float32 products made of three bfloat16 products, which a
+# CPU with bfloat16 units may use under the default precision: 1.7e-4 here, where float32
+# products give 7e-6 (test_the_logit_bound_sees_float32_products_made_of_bfloat16).
 LOGIT_TOL = 1e-4
 LOSS_RTOL = 1e-5  # relative difference of mean loss / perplexity
 VOCAB = 300
@@ -110,6 +111,7 @@ def _save_hf(model, directory: Path) -> Path:
 def _torch_logits_loss(model, tokens: np.ndarray):
     import torch
 
+    torch.set_float32_matmul_precision("highest")  # float32 products in float32 on any CPU (the default)
     with torch.no_grad():
         x = torch.tensor(tokens)
         out = model(x, labels=x)
@@ -157,9 +159,9 @@ def _lmjax_logits_loss(c: TransformerConfig, params, tokens: np.ndarray):
     return _jitted_logits(c, params, tokens), float(np.sum(nll) / np.sum(count))
 
 
-def _reference_logits(c: TransformerConfig, params, tokens: np.ndarray) -> np.ndarray:
+def _reference_logits(c: TransformerConfig, params, tokens: np.ndarray, matmul=np.matmul) -> np.ndarray:
     """The model `c` describes, written as plain float64 NumPy formulas (no JAX, no torch): the
-    fixed point both sides are measured against."""
+    fixed point both sides are measured against. `matmul` computes every matrix product."""
     f = lambda x: np.asarray(x, np.float64)  # noqa: E731
     b, t = tokens.shape
 
@@ -171,7 +173,7 @@ def _reference_logits(c: TransformerConfig, params, tokens: np.ndarray) -> np.nd
 
     def dense(x, p):
         kernel = f(p["kernel"])
-        y = x @ kernel.reshape(x.shape[-1], -1)
+        y = matmul(x, kernel.reshape(x.shape[-1], -1))
         return y + f(p["bias"]).reshape(-1) if "bias" in p else y
 
     def rotary(x_BxTxNxH):
@@ -188,11 +190,12 @@ def _reference_logits(c: TransformerConfig, params, tokens: np.ndarray) -> np.nd
         value = np.repeat(dense(x, p["value"]).reshape(b, t, k, h), n // k, axis=2)
         if c.positions == "rope":
             q, key = rotary(q), rotary(key)
-        scores = np.einsum("btnh,bsnh->bnts", q, key) / np.sqrt(h)
+        scores = matmul(q.transpose(0, 2, 1, 3), key.transpose(0, 2, 3, 1)) / np.sqrt(h)
         scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
-        return dense(np.einsum("bnts,bsnh->btnh", probs, value).reshape(b, t, n * h), p["out"])
+        mixed = matmul(probs, value.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+        return dense(mixed.reshape(b, t, n * h), p["out"])
 
     def mlp(x, p):
         if c.mlp == "gelu":
@@ -208,19 +211,23 @@ def _reference_logits(c: TransformerConfig, params, tokens: np.ndarray) -> np.nd
         x = x + attention(norm(x, layer["norm1"]), layer["attn"])
         x = x + mlp(norm(x, layer["norm2"]), layer["mlp"])
     head = f(params["wte"]).T if c.tie_embeddings else f(params["lm_head"])
-    return norm(x, params["norm_f"]) @ head
+    return matmul(norm(x, params["norm_f"]), head)
 
 
 def _compare(name: str, c: TransformerConfig, params, tokens: np.ndarray, theirs) -> dict:
     """lmjax (jitted forward, eval's loss, sample's cached decode) against transformers, and each
     side against the float64 reference: the errors say which side moved."""
-    (ours, loss_ours), (lt, loss_theirs) = _lmjax_logits_loss(c, params, tokens), theirs
+    # float32 products in float32: a CPU with bfloat16 units may otherwise run them as three
+    # bfloat16 products (see test_the_logit_bound_sees_float32_products_made_of_bfloat16).
+    with jax.default_matmul_precision("float32"):
+        (ours, loss_ours), decoded = _lmjax_logits_loss(c, params, tokens), _decode_logits(c, params, tokens)
+    lt, loss_theirs = theirs
     ref = _reference_logits(c, params, tokens)
     err = {
         "lmjax-torch": np.abs(ours - lt).max(),
         "torch-f64": np.abs(lt - ref).max(),
         "lmjax-f64": np.abs(ours - ref).max(),
-        "decode-f64": np.abs(_decode_logits(c, params, tokens) - ref).max(),
+        "decode-f64": np.abs(decoded - ref).max(),
     }
     err = {k: float(v) for k, v in err.items()}
     rel = abs(loss_ours - loss_theirs) / abs(loss_theirs)
@@ -235,6 +242,32 @@ def _compare(name: str, c: TransformerConfig, params, tokens: np.ndarray, theirs
 
 
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 48))
+
+
+def _float32_matmul(a, b):
+    return np.matmul(np.float32(a), np.float32(b)).astype(np.float64)
+
+
+def _bfloat16x3_matmul(a, b):
+    """float32 products as three bfloat16 products (high x high + high x low + low x high), the
+    bf16_3x algorithm CPUs and accelerators with bfloat16 units may use for float32 inputs."""
+
+    def split(x):  # the bfloat16 nearest x, and the bfloat16 nearest what it leaves
+        high = np.float32(x).astype(jnp.bfloat16).astype(np.float64)
+        return high, np.float32(x - high).astype(jnp.bfloat16).astype(np.float64)
+
+    (ah, al), (bh, bl) = split(a), split(b)
+    return np.matmul(ah, bh) + np.matmul(ah, bl) + np.matmul(al, bh)
+
+
+def test_the_logit_bound_sees_float32_products_made_of_bfloat16(tmp_path):
+    """The bound tells float32 products from bf16_3x ones on the GPT-2 test model: the
+    reference with float32 matrix products stays 10x inside it (measured 6.9e-6), with bf16_3x
+    outside (1.7e-4)."""
+    _, c, params = interop.load_hf(_save_hf(_hf_model("gpt2"), tmp_path / "gpt2"))
+    ref = _reference_logits(c, params, TOKENS)
+    assert np.abs(_reference_logits(c, params, TOKENS, _float32_matmul) - ref).max() < LOGIT_TOL / 10
+    assert np.abs(_reference_logits(c, params, TOKENS, _bfloat16x3_matmul) - ref).max() > LOGIT_TOL
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
