@@ -63,6 +63,15 @@ def cuda_plugin_installed() -> bool:
     )
 
 
+def gpu_compile_dir() -> str:
+    """.gpu-compile/ of this checkout (scripts/setup_gpu_compile.sh: the CUDA plugin and cuDNN,
+    kept off the default path so that GPU-less runs do not load them), or '' if not made."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / ".gpu-compile"
+    return str(folder) if (folder / "jax_plugins" / "xla_cuda12").is_dir() else ""
+
+
 def gpu_devices(name: str, count: int) -> list:
     """`count` compile-only devices of the GPU `name` (deviceless AOT through the CUDA plugin)."""
     import jax
@@ -75,7 +84,6 @@ def gpu_devices(name: str, count: int) -> list:
     except (jax.errors.JaxRuntimeError, NotImplementedError, RuntimeError) as e:
         raise UserError(
             f"compiling for a {name} without one failed ({str(e).splitlines()[0]}); it needs the CUDA "
-            "plugin (bash scripts/setup_gpu_compile.sh, then PYTHONPATH=.gpu-compile), "
-            "or plan on simulated CPU devices with --compiler cpu"
+            "plugin (bash scripts/setup_gpu_compile.sh), or plan on simulated CPU devices with --compiler cpu"
         ) from None
     return list(topology.devices)

@@ -19,12 +19,13 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lmjax.devices import DEVICE_MEMORY, GPU_SPECS, GiB, cuda_plugin_installed, gpu_devices
+from lmjax.devices import DEVICE_MEMORY, GPU_SPECS, GiB, cuda_plugin_installed, gpu_compile_dir, gpu_devices
 from lmjax.errors import UserError
 
 # build_tokenizer's vocabulary for tokenizer.kind='bpe' with tokenizer.vocab_size=0.
@@ -292,13 +293,22 @@ def simulated_env(devices: int, environ=None) -> dict:
     return env
 
 
+# The C++ logging of the CUDA plugin and XLA's GPU compiler: "no CUDA driver found" on every
+# start without a GPU, and the compiler's own notes (e.g. that the program exceeds the device's
+# memory, which the plan says in its own words). Python errors are not logging and still show.
+CXX_LOG_LINE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IWE]\d{4} [\d:.]+ +\d+ \S+:\d+\] )"
+)
+
+
 def run_plan(
     experiment: str, overrides, devices: int = 0, device: str = "", json_out: str = "", compiler: str = "auto"
 ) -> int:
     """`lmjax plan`: load the config, compile the step ahead of time, print the plan.
 
     compiler 'gpu' (or 'auto' when `device` names an NVIDIA GPU and the CUDA plugin is
-    installed) compiles for that GPU without one; 'cpu' compiles for simulated CPU devices.
+    installed, or in .gpu-compile/) compiles for that GPU without one; 'cpu' compiles for
+    simulated CPU devices.
     JAX fixes its CPU device count when it starts, so a process where JAX has already started
     (a test calling the CLI) plans in a child process.
     """
@@ -310,16 +320,28 @@ def run_plan(
         raise UserError(f"--devices {devices} must be positive")
     if compiler == "gpu" and name not in GPU_SPECS:
         raise UserError(f"--compiler gpu needs --device naming one of {', '.join(GPU_SPECS)}")
-    gpu = compiler == "gpu" or (compiler == "auto" and name in GPU_SPECS and cuda_plugin_installed())
+    plugin = cuda_plugin_installed() or bool(gpu_compile_dir())
+    gpu = compiler == "gpu" or (compiler == "auto" and name in GPU_SPECS and plugin)
     n = devices or default_devices(cfg.parallel)
     env = simulated_env(n)
-    ready = all(os.environ.get(k) == env[k] for k in ("XLA_FLAGS", "JAX_PLATFORMS"))
-    if "jax" in sys.modules and not ready:
+    # The plugin of .gpu-compile/ is loaded by a GPU plan only, in a child process whose C++
+    # logging is dropped.
+    from_folder = gpu and not cuda_plugin_installed() and bool(gpu_compile_dir())
+    if from_folder:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [gpu_compile_dir(), env.get("PYTHONPATH")]))
+    ready = all(os.environ.get(k) == env.get(k) for k in ("XLA_FLAGS", "JAX_PLATFORMS", "PYTHONPATH"))
+    if ("jax" in sys.modules and not ready) or from_folder:
         argv = [sys.executable, "-m", "lmjax.plan", experiment, "--devices", str(n), *overrides]
         argv += ["--device", name] if name else []
         argv += ["--json", json_out] if json_out else []
         argv += ["--compiler", "gpu" if gpu else "cpu"]
-        return subprocess.run(argv, env=env, check=False).returncode
+        if not from_folder:
+            return subprocess.run(argv, env=env, check=False).returncode
+        with subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True) as child:
+            for line in child.stderr:
+                if not CXX_LOG_LINE.match(line):
+                    sys.stderr.write(line)
+        return child.returncode
     os.environ.update(env)
     p = make_plan(cfg, experiment, gpu_devices(name, n) if gpu else None)
     print(format_plan(p, cfg), flush=True)
@@ -346,7 +368,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compiler",
         choices=("auto", "cpu", "gpu"),
         default="auto",
-        help="auto: for the --device GPU when the CUDA plugin is installed (no GPU needed), "
+        help="auto: for the --device GPU when the CUDA plugin is installed or in .gpu-compile/ (no GPU needed), "
         "else for simulated CPU devices",
     )
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")

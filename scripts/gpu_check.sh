@@ -3,7 +3,8 @@
 # in under 8 minutes on one H200 —
 #   1. installs lmjax with the GPU extra (scripts/setup.sh dev: it picks cuda12 or cuda13);
 #   2. runs the device-agnostic tests on the GPU (resume exactness, perplexity against brute
-#      force, KV cache, Hugging Face parity);
+#      force, KV cache, Hugging Face parity) and the check that the train step with cuDNN's
+#      fused attention compiles with memory linear in the sequence length;
 #   3. trains one checkpoint and evaluates its held-out perplexity on the CPU and on the GPU;
 #   4. trains experiments/gpt2_small.py for 50 steps in bfloat16 with fused (cuDNN) and with XLA
 #      attention, side by side: tokens/s, MFU against the device's bf16 peak, peak memory;
@@ -45,7 +46,8 @@ else
   PY=.venv/bin/python
   DEVICE_ENV=(env -u JAX_PLATFORMS)
   TESTS=${GPU_CHECK_TESTS:-tests/test_resume.py tests/test_eval_bruteforce.py tests/test_sampling.py
-    tests/test_hf_interop.py tests/test_attention.py}
+    tests/test_hf_interop.py tests/test_attention.py
+    tests/test_plan.py::test_the_gpu_program_with_fused_attention_compiles_and_its_memory_grows_linearly}
   SMALL=()
   STEPS=50
   FUSED=cudnn

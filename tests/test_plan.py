@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from ml_collections import ConfigDict
 
-from lmjax.devices import DEVICE_MEMORY, GiB, cuda_plugin_installed
+from lmjax.devices import DEVICE_MEMORY, GiB, cuda_plugin_installed, gpu_compile_dir
 from lmjax.errors import UserError
 from lmjax.plan import (
     Plan,
@@ -39,16 +39,14 @@ SHAPE = [
 
 
 # The CUDA plugin and cuDNN, installed beside .venv by scripts/setup_gpu_compile.sh (scripts/test.sh runs it).
-GPU_COMPILE = ROOT / ".gpu-compile"
 can_compile_for_gpu = pytest.mark.skipif(
-    not (GPU_COMPILE / "jax_plugins" / "xla_cuda12").is_dir() and not cuda_plugin_installed(),
+    not gpu_compile_dir() and not cuda_plugin_installed(),
     reason="needs the CUDA plugin and cuDNN: bash scripts/setup_gpu_compile.sh (no GPU needed)",
 )
 
 
 def plan_cli(*args):
-    path = [str(ROOT), str(GPU_COMPILE) if GPU_COMPILE.is_dir() else None, os.environ.get("PYTHONPATH")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(
         [sys.executable, "-m", "lmjax.cli", "plan", *args],
         capture_output=True,
@@ -151,6 +149,7 @@ def test_compiles_for_a_gpu_without_one(tmp_path):
     matrices, vectors = V * D + L * (4 * D * D + 2 * D * F), L * 2 * D + D
     assert p["params_bytes"] == 4 * (matrices + vectors)  # data parallel: a full copy per device
     assert "XLA's GPU compiler" in r.stdout
+    assert "cudart_stub" not in r.stderr and "absl" not in r.stderr  # the plugin's no-GPU logging is dropped
     # Traced for the GPU, not for the CPU present: float32 keeps cuDNN out, so XLA's attention.
     assert "attention: xla on gpu (NVIDIA H100 80GB HBM3): cudnn cannot run: it takes bfloat16" in r.stdout
 
