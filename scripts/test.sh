@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Set up with the dev extras, check lint and format with ruff, then run the test suite on two
-# pytest-xdist workers, a test file per worker at a time (so a file's module fixtures, such as a
-# trained reference run, are made once); pytest's "no tests ran" counts as a failure.
+# Set up with the dev extras (and .gpu-compile/, for the tests that compile a GPU program without a GPU), check lint
+# and format with ruff, then run the test suite on two pytest-xdist workers, a test file per worker at a time (so a
+# file's module fixtures, such as a trained reference run, are made once); pytest's "no tests ran" counts as a failure.
 # Arguments go to pytest after ours: `bash scripts/test.sh -n 0 tests/test_config.py` runs serially.
 set -euo pipefail
 cd "$(dirname "$0")/.."
