@@ -6,11 +6,12 @@ that carry their shardings) and compiled ahead of time. Nothing runs: no data ar
 tokenizer is trained, no parameter is initialised.
 
 The devices are N simulated CPU devices (XLA's --xla_force_host_platform_device_count, set
-before JAX starts), or, when --device names an NVIDIA GPU and the CUDA plugin is installed,
-N compile-only devices of that GPU (lmjax.devices). Parameters and optimizer state are exact
-for any platform (they are the shards' sizes); temporaries (activations, gradients,
-attention) are the compiled program's, which differ between compilers (see the README,
-"Know before you rent").
+before JAX starts), or, when --device names an NVIDIA GPU and the CUDA plugin is installed
+(or in .gpu-compile/, scripts/setup_gpu_compile.sh), N compile-only devices of that GPU
+(lmjax.devices), in a child process that keeps the plugin's C++ logging out of the output.
+Parameters and optimizer state are exact for any platform (they are the shards' sizes);
+temporaries (activations, gradients, attention) are the compiled program's, which differ
+between compilers (see the README, "Know before you rent").
 """
 
 from __future__ import annotations
@@ -295,10 +296,36 @@ def simulated_env(devices: int, environ=None) -> dict:
 
 # The C++ logging of the CUDA plugin and XLA's GPU compiler: "no CUDA driver found" on every
 # start without a GPU, and the compiler's own notes (e.g. that the program exceeds the device's
-# memory, which the plan says in its own words). Python errors are not logging and still show.
+# memory, which the plan says in its own words). Python errors are not logging: they show.
 CXX_LOG_LINE = re.compile(
     r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IWE]\d{4} [\d:.]+ +\d+ \S+:\d+\] )"
 )
+
+
+PLAN_CHILD = "LMJAX_PLAN_CHILD"  # set in the child process that makes the plan
+
+
+def plan_in_child(argv: list[str], env: dict, drop_cxx_logging: bool) -> int:
+    """Run `argv` (a `python -m lmjax.plan` command) and return its exit status. With
+    drop_cxx_logging, the child's C++ log lines (CXX_LOG_LINE) are held back, and shown only
+    when it ends with neither a plan (status 0) nor a one-line error (status 2)."""
+    if not drop_cxx_logging:
+        code = subprocess.run(argv, env=env, check=False).returncode
+    else:
+        held = []
+        with subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, encoding="utf-8", errors="replace") as child:
+            for line in child.stderr:
+                if CXX_LOG_LINE.match(line):
+                    held.append(line)
+                else:
+                    sys.stderr.write(line)
+        code = child.returncode
+        if code not in (0, 2):
+            sys.stderr.writelines(held[-50:])
+    if code < 0:
+        print(f"lmjax: error: the planning process was stopped by signal {-code}", file=sys.stderr)
+        return 128 - code
+    return code
 
 
 def run_plan(
@@ -310,7 +337,7 @@ def run_plan(
     installed, or in .gpu-compile/) compiles for that GPU without one; 'cpu' compiles for
     simulated CPU devices.
     JAX fixes its CPU device count when it starts, so a process where JAX has already started
-    (a test calling the CLI) plans in a child process.
+    (a test calling the CLI) plans in a child process; so does every GPU plan (plan_in_child).
     """
     from lmjax import config as config_lib
 
@@ -320,28 +347,19 @@ def run_plan(
         raise UserError(f"--devices {devices} must be positive")
     if compiler == "gpu" and name not in GPU_SPECS:
         raise UserError(f"--compiler gpu needs --device naming one of {', '.join(GPU_SPECS)}")
-    plugin = cuda_plugin_installed() or bool(gpu_compile_dir())
-    gpu = compiler == "gpu" or (compiler == "auto" and name in GPU_SPECS and plugin)
+    folder, installed = gpu_compile_dir(), cuda_plugin_installed()
+    gpu = compiler == "gpu" or (compiler == "auto" and name in GPU_SPECS and (installed or bool(folder)))
     n = devices or default_devices(cfg.parallel)
     env = simulated_env(n)
-    # The plugin of .gpu-compile/ is loaded by a GPU plan only, in a child process whose C++
-    # logging is dropped.
-    from_folder = gpu and not cuda_plugin_installed() and bool(gpu_compile_dir())
-    if from_folder:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [gpu_compile_dir(), env.get("PYTHONPATH")]))
+    if gpu and not installed and folder:  # .gpu-compile/ is on the path of a GPU plan's process only
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [folder, env.get("PYTHONPATH")]))
     ready = all(os.environ.get(k) == env.get(k) for k in ("XLA_FLAGS", "JAX_PLATFORMS", "PYTHONPATH"))
-    if ("jax" in sys.modules and not ready) or from_folder:
+    if os.environ.get(PLAN_CHILD) != "1" and (gpu or ("jax" in sys.modules and not ready)):
         argv = [sys.executable, "-m", "lmjax.plan", experiment, "--devices", str(n), *overrides]
         argv += ["--device", name] if name else []
         argv += ["--json", json_out] if json_out else []
         argv += ["--compiler", "gpu" if gpu else "cpu"]
-        if not from_folder:
-            return subprocess.run(argv, env=env, check=False).returncode
-        with subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True) as child:
-            for line in child.stderr:
-                if not CXX_LOG_LINE.match(line):
-                    sys.stderr.write(line)
-        return child.returncode
+        return plan_in_child(argv, {**env, PLAN_CHILD: "1"}, drop_cxx_logging=gpu)
     os.environ.update(env)
     p = make_plan(cfg, experiment, gpu_devices(name, n) if gpu else None)
     print(format_plan(p, cfg), flush=True)

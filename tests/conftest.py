@@ -28,19 +28,21 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 def machine_description() -> str:
     """The CPU the tests run on and the vector instructions that change numerics: XLA and the
     BLAS libraries pick their kernels by them (CI machines differ from the one tests were written on)."""
-    model, flags = "unknown CPU", set()
+    import platform
+
+    model, flags = platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "model name":
                 model = value.strip()
-            elif key.strip() == "flags":
+            elif key.strip() in ("flags", "Features"):  # x86, ARM
                 flags = set(value.split())
                 break
     except OSError:
         pass
-    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags]
-    return f"{model}, {os.cpu_count()} CPUs, {' '.join(isa) or 'no AVX2'}"
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "asimd", "sve", "bf16")
+    return f"{model}, {os.cpu_count()} CPUs, {' '.join(f for f in wanted if f in flags) or 'no vector flags read'}"
 
 
 def pytest_report_header(config):

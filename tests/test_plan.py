@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ from lmjax.plan import (
     check_device,
     default_devices,
     device_name,
+    plan_in_child,
     vocab_size_without_data,
 )
 
@@ -41,6 +43,11 @@ SHAPE = [
 # The CUDA plugin and cuDNN, installed beside .venv by scripts/setup_gpu_compile.sh (scripts/test.sh runs it).
 can_compile_for_gpu = pytest.mark.skipif(
     not gpu_compile_dir() and not cuda_plugin_installed(),
+    reason="needs the CUDA plugin: bash scripts/setup_gpu_compile.sh (no GPU needed)",
+)
+has_cudnn = bool(gpu_compile_dir()) or importlib.util.find_spec("nvidia.cudnn") is not None
+can_compile_cudnn_for_gpu = pytest.mark.skipif(
+    not (has_cudnn and (gpu_compile_dir() or cuda_plugin_installed())),
     reason="needs the CUDA plugin and cuDNN: bash scripts/setup_gpu_compile.sh (no GPU needed)",
 )
 
@@ -96,6 +103,8 @@ def test_a_plan_that_does_not_fit_the_named_device_exits_2():
     # 2M x 2048 embedding: 16 GiB of float32 parameters, 48 GiB with Adam's moments.
     r = plan_cli(
         TINY,
+        "--compiler",
+        "cpu",  # the same on either compiler (with .gpu-compile/, auto compiles for the A100)
         "--device",
         "a100-40g",
         "--config.model.vocab_size=2000000",
@@ -154,7 +163,7 @@ def test_compiles_for_a_gpu_without_one(tmp_path):
     assert "attention: xla on gpu (NVIDIA H100 80GB HBM3): cudnn cannot run: it takes bfloat16" in r.stdout
 
 
-@can_compile_for_gpu
+@can_compile_cudnn_for_gpu
 def test_the_gpu_program_with_fused_attention_compiles_and_its_memory_grows_linearly(tmp_path):
     """cuDNN's fused attention in the train step compiled for an H100 without one: the step's
     temporaries grow about linearly with data.seq_len, where XLA's attention keeps the T x T
@@ -175,3 +184,18 @@ def test_the_gpu_program_with_fused_attention_compiles_and_its_memory_grows_line
     assert long["platform"] == "gpu" and long["device_kind"] == "NVIDIA H100 80GB HBM3"
     assert long["temp_bytes"] < 4.5 * short["temp_bytes"]  # 4x the tokens: linear, not 16x
     assert plan("xla", 2048, taken="xla")["temp_bytes"] > 5 * long["temp_bytes"]  # the T x T probabilities
+
+
+@pytest.mark.parametrize("status, shown", [(0, False), (2, False), (1, True)])
+def test_a_gpu_plan_shows_the_compilers_logging_only_when_it_fails(capsys, status, shown):
+    log = "E1202 05:22:03.046561    2189 gpu_hlo_schedule.cc:968] The byte size of input/output arguments"
+    code = f"import sys; print({log!r}, file=sys.stderr); print('lmjax: error: x', file=sys.stderr); sys.exit({status})"
+    assert plan_in_child([sys.executable, "-c", code], dict(os.environ), drop_cxx_logging=True) == status
+    err = capsys.readouterr().err
+    assert "lmjax: error: x" in err and (log in err) == shown
+
+
+def test_a_planning_process_stopped_by_a_signal_says_so(capsys):
+    code = "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"
+    assert plan_in_child([sys.executable, "-c", code], dict(os.environ), drop_cxx_logging=True) == 128 + 15
+    assert "stopped by signal 15" in capsys.readouterr().err

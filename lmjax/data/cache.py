@@ -93,8 +93,9 @@ def _encode_in_worker(texts: list):
 def _tokenize(ds, tokenizer: Tokenizer, num_proc: int):
     """The encoded batches of `ds` in order, as `_encode` gives them.
 
-    A tokenizer that encodes in native threads (tiktoken, HF tokenizers) gets num_proc threads
-    in this process: no worker start-up, no texts and ids copied between processes. Otherwise
+    A tokenizer that encodes in native threads encodes in this process (tiktoken on num_proc
+    threads, HF tokenizers on Rayon's pool): no worker start-up, no texts and ids copied
+    between processes. Otherwise
     num_proc > 1 encodes in that many worker processes, started by spawn, not fork (a child
     forked from a process whose JAX runtime threads are running can deadlock), with at most
     two batches per worker in flight: memory stays bounded whatever the corpus size.

@@ -24,14 +24,16 @@ class Tokenizer:
     vocab_size: int
     eot_id: int
     # Whether encode_batch runs on several cores by itself (native threads that release the GIL):
-    # then data.num_proc means threads in one process, not worker processes.
+    # then data.num_proc encodes in this process (tiktoken: that many threads; HF tokenizers:
+    # Rayon's pool), not in worker processes.
     encodes_in_threads = False
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
     def encode_batch(self, texts: Sequence[str], threads: int = 1) -> list[Sequence[int]]:
-        """The ids of each text, as lists or int32 arrays (`threads`: see encodes_in_threads)."""
+        """The ids of each text, as lists or int32 arrays. `threads`: how many a tokenizer that
+        encodes_in_threads may use (tiktoken does; HF's Rayon pool sizes itself)."""
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -46,6 +46,9 @@ class ByteTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizers` tokenizer: one trained here (bpe) or a saved one (hf)."""
 
+    # A batch is encoded on Rayon's threads: every core, or RAYON_NUM_THREADS (read at first use).
+    encodes_in_threads = True
+
     def __init__(self, tok, kind: str, eot_token: str = EOT):
         self.tok = tok
         self.kind = kind
@@ -61,9 +64,6 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text).ids
-
-    # The batch is encoded on Rayon's threads: all cores, or RAYON_NUM_THREADS (set before the first use).
-    encodes_in_threads = True
 
     def encode_batch(self, texts: Sequence[str], threads: int = 1) -> list[list[int]]:
         # encode_batch_fast: the same ids without the character offsets, which cost about a third.

@@ -180,6 +180,7 @@ class TiktokenTokenizer(Tokenizer):
     """A tiktoken BPE encoding from a local file, with GPT-2's pre-tokenization pattern."""
 
     kind = "tiktoken"
+    encodes_in_threads = True  # encode_ordinary_batch's threads release the GIL
 
     def __init__(self, path: str | Path, pattern: str = GPT2_PATTERN):
         import tiktoken
@@ -201,8 +202,6 @@ class TiktokenTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)  # '<|endoftext|>' in a text is text, not the token
-
-    encodes_in_threads = True
 
     def encode_batch(self, texts: Sequence[str], threads: int = 1) -> list[list[int]]:
         return self.enc.encode_ordinary_batch(list(texts), num_threads=threads)
