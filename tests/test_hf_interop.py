@@ -226,14 +226,13 @@ def _reference_logits(c: TransformerConfig, params, tokens: np.ndarray, matmul=n
 def _compare(name: str, c: TransformerConfig, params, tokens: np.ndarray, theirs) -> dict:
     """lmjax (jitted forward, eval's loss, sample's cached decode) against transformers, and each
     side against the float64 reference: the errors say which side moved."""
-    (ours, loss_ours), decoded = _lmjax_logits_loss(c, params, tokens), _decode_logits(c, params, tokens)
-    lt, loss_theirs = theirs
+    (ours, loss_ours), (lt, loss_theirs) = _lmjax_logits_loss(c, params, tokens), theirs
     ref = _reference_logits(c, params, tokens)
     err = {
         "lmjax-torch": np.abs(ours - lt).max(),
         "torch-f64": np.abs(lt - ref).max(),
         "lmjax-f64": np.abs(ours - ref).max(),
-        "decode-f64": np.abs(decoded - ref).max(),
+        "decode-f64": np.abs(_decode_logits(c, params, tokens) - ref).max(),
     }
     err = {k: float(v) for k, v in err.items()}
     rel = abs(loss_ours - loss_theirs) / abs(loss_theirs)
