@@ -47,7 +47,7 @@ else
   DEVICE_ENV=(env -u JAX_PLATFORMS)
   TESTS=${GPU_CHECK_TESTS:-tests/test_resume.py tests/test_eval_bruteforce.py tests/test_sampling.py
     tests/test_hf_interop.py tests/test_attention.py
-    tests/test_plan.py::test_the_gpu_program_with_fused_attention_compiles_and_its_memory_grows_linearly}
+    tests/test_plan.py::test_compiles_for_a_gpu_without_one_with_fused_attention_linear_in_the_sequence}
   SMALL=()
   STEPS=50
   FUSED=cudnn

@@ -54,6 +54,17 @@ def pytest_unconfigure(config):
         shutil.rmtree(OWN_JAX_CACHE, ignore_errors=True)
 
 
+@pytest.fixture
+def float32_products():
+    """float32 matrix products computed in float32 during the test: under the default precision
+    a GPU uses TF32, and a CPU with bfloat16 units may compute them from bfloat16 parts
+    (test_hf_interop: test_the_logit_bound_sees_float32_products_made_of_bfloat16)."""
+    import jax
+
+    with jax.default_matmul_precision("float32"):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LMJAX_CACHE", str(tmp_path_factory.getbasetemp() / "lmjax_cache"))

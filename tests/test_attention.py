@@ -21,11 +21,7 @@ MI300 = Device("gpu", "AMD Instinct MI300X")  # ROCm: no CUDA compute capability
 TPU = Device("tpu", "TPU v5 lite")
 
 
-@pytest.fixture(autouse=True)
-def _float32_products():
-    """Float32 products in full precision on GPUs too (not TF32), so tolerances hold on every device."""
-    with jax.default_matmul_precision("float32"):
-        yield
+pytestmark = pytest.mark.usefixtures("float32_products")  # tolerances hold on every device (no TF32)
 
 
 @pytest.mark.parametrize(

@@ -32,13 +32,7 @@ LOSS_RTOL = 1e-5  # relative difference of mean loss / perplexity
 VOCAB = 300
 
 
-@pytest.fixture(autouse=True)
-def _float32_products():
-    """float32 products in float32 in every test here: a CPU with bfloat16 units (and a GPU,
-    with TF32) may otherwise compute them from bfloat16 parts
-    (test_the_logit_bound_sees_float32_products_made_of_bfloat16)."""
-    with jax.default_matmul_precision("float32"):
-        yield
+pytestmark = pytest.mark.usefixtures("float32_products")  # both sides' float32 products in float32
 
 
 def _torch():
