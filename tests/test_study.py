@@ -290,7 +290,7 @@ def test_a_study_trains_fits_plots_and_refuses_another_experiments_directory(tmp
         "study",
         str(exp),
         "--budgets",
-        "1.2e10,2.4e10",
+        "1.2e10,1.6e10",
         "--per-budget",
         "3",
         "--out",
@@ -302,7 +302,7 @@ def test_a_study_trains_fits_plots_and_refuses_another_experiments_directory(tmp
     assert r.returncode == 0, r.stdout + r.stderr
     record = json.loads((out / "study.json").read_text())
     assert len(record["runs"]) == 6 and not record["unfinished"]
-    assert {r["budget"] for r in record["runs"]} == {1.2e10, 2.4e10}
+    assert {r["budget"] for r in record["runs"]} == {1.2e10, 1.6e10}
     for run in record["runs"]:
         assert run["loss"] == pytest.approx(
             json.loads((out / run["name"] / "metrics.jsonl").read_text().splitlines()[-1])["heldout_loss"]
