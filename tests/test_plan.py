@@ -41,7 +41,9 @@ SHAPE = [
 
 
 # The CUDA plugin and cuDNN, installed beside .venv by scripts/setup_gpu_compile.sh (scripts/test.sh runs it).
-has_cudnn = bool(gpu_compile_dir()) or importlib.util.find_spec("nvidia.cudnn") is not None
+has_cudnn = bool(gpu_compile_dir()) or (
+    importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.cudnn") is not None
+)  # find_spec of a submodule raises when its parent package is missing
 can_compile_cudnn_for_gpu = pytest.mark.skipif(
     not (has_cudnn and (gpu_compile_dir() or cuda_plugin_installed())),
     reason="needs the CUDA plugin and cuDNN: bash scripts/setup_gpu_compile.sh (no GPU needed)",
